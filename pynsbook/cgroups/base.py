@@ -1,0 +1,203 @@
+"""What every cgroup backend offers, the controller names, and the session layout.
+
+Layout: ``<base>/pynsbook/<session>/<container>``. ``<base>`` is where this process may
+create cgroups; ``<session>`` is ``<pid>-<start time>`` of the Python process that owns the
+containers, so a later process can tell a dead session's leftovers and reap them. Nothing
+outside a ``pynsbook`` directory is ever written to.
+"""
+from __future__ import annotations
+
+import abc
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
+
+from ..results import Stats
+
+# controller names as the rest of pynsbook spells them (v1's blkio is "io" here)
+MEMORY = "memory"
+CPU = "cpu"
+CPUSET = "cpuset"
+PIDS = "pids"
+IO = "io"
+FREEZER = "freezer"
+
+#: the controller each limit keyword needs
+LIMIT_CONTROLLER = {"memory": MEMORY, "swap": MEMORY, "cpus": CPU, "cpuset": CPUSET,
+                    "pids": PIDS, "io_read_bps": IO, "io_write_bps": IO}
+
+TOP = "pynsbook"
+
+
+@dataclass(frozen=True)
+class Missing:
+    """Why a controller or limit is unavailable and how to make it available."""
+
+    reason: str
+    fix: Optional[str] = None
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def read_int(path: str) -> Optional[int]:
+    try:
+        text = read(path).strip()
+    except OSError:
+        return None
+    if text in ("max", ""):
+        return None
+    return int(text.split()[0])
+
+
+def read_keyed(path: str) -> Dict[str, int]:
+    """Parse a flat keyed file (``key value`` per line) like memory.events or cpu.stat."""
+    out: Dict[str, int] = {}
+    try:
+        text = read(path)
+    except OSError:
+        return out
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                out[parts[0]] = int(parts[1])
+            except ValueError:
+                pass
+    return out
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """Field 22 of /proc/PID/stat: the start time in clock ticks, to tell PID reuse apart."""
+    try:
+        text = read(f"/proc/{pid}/stat")
+    except OSError:
+        return None
+    return int(text[text.rindex(")") + 2:].split()[19])
+
+
+def session_name(pid: Optional[int] = None) -> str:
+    pid = pid or os.getpid()
+    return f"{pid}-{process_start_time(pid)}"
+
+
+def session_alive(name: str) -> bool:
+    """Whether the process that owns session ``name`` still runs."""
+    try:
+        pid_text, start_text = name.split("-", 1)
+        pid = int(pid_text)
+    except ValueError:
+        return True  # not ours to judge: leave it alone
+    start = process_start_time(pid)
+    return start is not None and str(start) == start_text
+
+
+def kill_pids(pids: Iterable[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def procs(directory: str) -> List[int]:
+    try:
+        return [int(x) for x in read(os.path.join(directory, "cgroup.procs")).split()]
+    except OSError:
+        return []
+
+
+def rmdir_retry(path: str, timeout: float = 2.0) -> None:
+    """rmdir a cgroup, waiting for exiting processes to leave it (EBUSY)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+class Cgroup(abc.ABC):
+    """One container's cgroup (across v1 hierarchies, or one v2 directory)."""
+
+    #: files the container's init writes its PID to, to join the cgroup
+    procs_files: Tuple[str, ...] = ()
+    #: a path to show users (v2 directory, or v1 memory hierarchy path)
+    path: str = ""
+
+    @abc.abstractmethod
+    def apply(self, limits: Dict[str, object]) -> None:
+        """Set limits (keywords as in spec.LIMIT_KEYS; values parsed). Works live."""
+
+    @abc.abstractmethod
+    def stats(self) -> Stats:
+        """Usage and limits now."""
+
+    @abc.abstractmethod
+    def pids(self) -> List[int]:
+        """Host PIDs of every process in the cgroup."""
+
+    @abc.abstractmethod
+    def kill_all(self) -> None:
+        """SIGKILL every process in the cgroup, by PID, so none can fork away meanwhile."""
+
+    @abc.abstractmethod
+    def freeze(self, frozen: bool) -> None:
+        """Freeze or thaw every process in the cgroup."""
+
+    @abc.abstractmethod
+    def remove(self) -> None:
+        """Kill what is left and delete the cgroup."""
+
+    def start_peak_window(self) -> None:
+        """Start measuring peak memory for the next run (resets the peak where possible)."""
+
+    def peak_memory(self) -> Optional[int]:
+        return self.stats().memory_peak
+
+    def files(self) -> Dict[str, str]:
+        """The interface files worth showing a student, name -> content."""
+        return {}
+
+
+class Backend(abc.ABC):
+    """A way to create and control cgroups on this host."""
+
+    name: str = "none"
+
+    @abc.abstractmethod
+    def controllers(self) -> FrozenSet[str]:
+        """Controllers this process can use for its containers."""
+
+    @abc.abstractmethod
+    def missing(self, controller: str) -> Missing:
+        """Why ``controller`` is not usable, and the fix."""
+
+    @abc.abstractmethod
+    def create(self, container: str) -> Cgroup:
+        """Create the cgroup for a new container of this session."""
+
+    def reap_stale(self) -> List[str]:
+        """Remove what dead sessions left; return the session names removed."""
+        return []
+
+    def can_swap(self) -> bool:
+        return False
+
+    def base(self) -> Optional[str]:
+        return None

@@ -1,0 +1,576 @@
+"""The client side of a container: create its cgroup, start its shim, send it work, stream
+its output, collect what happened, and make sure nothing of it outlives the container.
+"""
+from __future__ import annotations
+
+import atexit
+import codecs
+import itertools
+import os
+import secrets
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from .. import cgroups
+from ..errors import (ContainerError, ContainerNotFound, ContainerStateError, PynsbookError,
+                      UnsupportedError, error_from_dict)
+from ..linux.ids import write_id_maps
+from ..linux.mountinfo import read_mountinfo
+from ..results import RunResult, Stats
+from ..spec import Spec, make_spec
+from . import protocol
+from .plan import Plan, make_plan
+from .sampler import Sampler
+
+Callback = Callable[[str], None]
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REGISTRY: "Dict[str, Container]" = {}
+_REGISTRY_LOCK = threading.Lock()
+_reaped = False
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_STOP_GRACE = 1.0  # seconds between SIGINT, SIGTERM and SIGKILL
+
+
+def containers() -> Dict[str, "Container"]:
+    """The running containers of this process, by name."""
+    with _REGISTRY_LOCK:
+        return dict(_REGISTRY)
+
+
+def get(name: str) -> "Container":
+    with _REGISTRY_LOCK:
+        if name not in _REGISTRY:
+            raise ContainerNotFound(name)
+        return _REGISTRY[name]
+
+
+def _reap_stale_once() -> None:
+    global _reaped
+    if not _reaped:
+        _reaped = True
+        try:
+            cgroups.backend().reap_stale()
+        except OSError:
+            pass
+
+
+def _cgroup_mounts() -> List[Dict[str, str]]:
+    """How to mount the cgroup filesystems inside a container (a read-only view)."""
+    out = []
+    mode = cgroups.mode()
+    for m in read_mountinfo():
+        if mode == "v2" and m.fstype == "cgroup2":
+            return [{"name": "", "type": "cgroup2"}]
+        if m.fstype == "cgroup":
+            opts = [o for o in m.super_options if o not in ("rw", "ro")]
+            out.append({"name": os.path.basename(m.mountpoint), "type": "cgroup",
+                        "options": ",".join(opts)})
+    return out
+
+
+class _Job:
+    """One process a container runs, as the client tracks it."""
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.started = threading.Event()
+        self.exited = threading.Event()
+        self.pid: Optional[int] = None
+        self.code: Optional[int] = None
+        self.signal: Optional[int] = None
+        self.rusage: Dict[str, float] = {}
+
+
+class Container:
+    """A container: namespaces, a cgroup and a root filesystem, with an init serving runs.
+
+    >>> with Container("demo", memory="64M") as c:
+    ...     c.run("print('hello')").stdout
+    'hello\\n'
+    """
+
+    def __init__(self, name: Optional[str] = None, *, spec: Optional[Spec] = None,
+                 **options: Any) -> None:
+        if spec is None:
+            spec = make_spec(options, name=name)
+        elif options or name:
+            spec = make_spec(options, base=spec, name=name or spec.name)
+        self.spec = spec
+        self.id = secrets.token_hex(6)
+        self.name = spec.name or self.id
+        self.plan: Optional[Plan] = None
+        self.cgroup: Optional[cgroups.Cgroup] = None
+        self._shim: Optional[subprocess.Popen] = None
+        self._sock = None
+        self.init_pid: Optional[int] = None
+        self._jobs: Dict[str, _Job] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._reader: Optional[threading.Thread] = None
+        self._dead = threading.Event()
+        self._stopped = False
+        self._sampler: Optional[Sampler] = None
+        self.started_at: Optional[float] = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._shim is not None and not self._dead.is_set()
+
+    def start(self) -> "Container":
+        """Create the container: its cgroup with the limits, its namespaces, its root."""
+        if self._shim is not None:
+            raise ContainerStateError(f"container {self.name!r} was already started")
+        with _REGISTRY_LOCK:
+            if self.spec.name and self.spec.name in _REGISTRY:
+                raise ContainerStateError(f"a container named {self.name!r} is already running "
+                                          f"(stop it with %container stop {self.name})")
+        _reap_stale_once()
+        self.plan = plan = make_plan(self.spec)
+        try:
+            if plan.use_cgroup:
+                self.cgroup = cgroups.backend().create(f"{self.name}-{self.id[:6]}" if self.spec.name else self.id)
+                try:
+                    self.cgroup.apply(plan.cgroup_limits)
+                except OSError as err:
+                    raise ContainerError(f"could not set the limits: {err.strerror or err} "
+                                         f"(in {self.cgroup.path})", err.errno) from None
+            self._launch(plan)
+        except BaseException:
+            self._cleanup()
+            raise
+        if self.spec.name:
+            with _REGISTRY_LOCK:
+                _REGISTRY[self.spec.name] = self
+        _LIVE.add(self)
+        self.started_at = time.time()
+        return self
+
+    def _config(self, plan: Plan) -> Dict[str, Any]:
+        ns = plan.namespaces
+        return {
+            "namespaces": ns,
+            "map_by_client": os.geteuid() == 0,
+            "uid": os.geteuid(), "gid": os.getegid(),
+            "cgroup_procs": list(self.cgroup.procs_files) if self.cgroup else [],
+            "hostname": self.spec.hostname or self.name,
+            "rootfs": self.spec.rootfs,
+            "uptime": self.spec.uptime,
+            "cgroup_mounts": _cgroup_mounts() if "cgroup" in ns else [],
+        }
+
+    def _launch(self, plan: Plan) -> None:
+        client, child = protocol.pair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            self._shim = subprocess.Popen(
+                [sys.executable, "-m", "pynsbook.engine.shim", str(child.fileno())],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, env=env, start_new_session=True, cwd="/")
+        finally:
+            child.close()
+        self._sock = client
+        protocol.send(client, self._config(plan))
+        while True:
+            msg, fds = protocol.recv(client)
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                raise self._died_early()
+            event = msg.get("event")
+            if event == "map_ids":
+                full = "0 0 4294967295"
+                write_id_maps(str(msg["pid"]), full, full, deny_setgroups=False)
+                protocol.send(client, {"op": "mapped"})
+            elif event == "init":
+                self.init_pid = msg["pid"]
+            elif event == "error":
+                raise error_from_dict(msg["error"])
+            elif event == "ready":
+                break
+        self._reader = threading.Thread(target=self._read_events, name=f"pynsbook-{self.name}",
+                                        daemon=True)
+        self._reader.start()
+
+    def _died_early(self) -> PynsbookError:
+        assert self._shim is not None
+        try:
+            _, err = self._shim.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._shim.kill()
+            _, err = self._shim.communicate()
+        text = (err or b"").decode(errors="replace").strip().splitlines()
+        last = text[-1] if text else f"exit status {self._shim.returncode}"
+        return ContainerError(f"the container's init stopped before it was ready: {last}")
+
+    def _read_events(self) -> None:
+        sock = self._sock
+        while True:
+            try:
+                msg, fds = protocol.recv(sock)
+            except OSError:
+                msg, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                break
+            job = self._jobs.get(str(msg.get("id")))
+            if job is None:
+                continue
+            if msg.get("event") == "started":
+                job.pid = msg["pid"]
+                job.started.set()
+            elif msg.get("event") == "exited":
+                job.code, job.signal, job.rusage = msg["code"], msg["signal"], msg.get("rusage", {})
+                job.started.set()
+                job.exited.set()
+        self._dead.set()
+        for job in list(self._jobs.values()):  # the init is gone: so is every process
+            job.started.set()
+            job.exited.set()
+
+    def stop(self, timeout: float = _STOP_GRACE) -> None:
+        """Stop every process (SIGTERM, then SIGKILL after ``timeout``) and remove the
+        container: its processes, its cgroup, its mounts (they die with its namespace)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self.running and any(not j.exited.is_set() for j in self._jobs.values()):
+                self._send({"op": "signal", "id": None, "sig": int(signal.SIGTERM)})
+                deadline = time.monotonic() + timeout
+                for job in list(self._jobs.values()):
+                    job.exited.wait(max(0.0, deadline - time.monotonic()))
+        except OSError:
+            pass
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._sampler:
+            self._sampler.stop()
+        if self._sock is not None:
+            try:
+                self._send({"op": "stop"})
+            except OSError:
+                pass
+            self._sock.close()  # init sees EOF too: it kills everything and exits
+        if self._shim is not None:
+            try:
+                self._shim.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._shim.kill()  # by PID: only our own shim
+                self._shim.wait()
+            if self._shim.stderr:
+                self._shim.stderr.close()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if self.cgroup is not None:
+            try:
+                self.cgroup.remove()
+            except OSError:
+                pass
+        with _REGISTRY_LOCK:
+            if _REGISTRY.get(self.name) is self:
+                del _REGISTRY[self.name]
+        _LIVE.discard(self)
+        self._dead.set()
+
+    def __enter__(self) -> "Container":
+        if self._shim is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def _send(self, msg: Dict[str, Any], fds: Sequence[int] = ()) -> None:
+        with self._lock:
+            if self._sock is None:
+                raise ContainerStateError(f"container {self.name!r} is not running")
+            protocol.send(self._sock, msg, fds)
+
+    def update(self, **limits: Any) -> Dict[str, Any]:
+        """Change limits while the container runs (same keywords as ``run``)."""
+        if not self.running:
+            raise ContainerStateError(f"container {self.name!r} is not running")
+        bad = [k for k in limits if k not in ("memory", "mem", "swap", "cpus", "cpuset", "pids",
+                                              "io_read_bps", "io_write_bps")]
+        if bad:
+            raise TypeError(f"{bad[0]!r} cannot change on a running container; limits that can: "
+                            "memory, swap, cpus, cpuset, pids, io_read_bps, io_write_bps")
+        new = make_spec({("memory" if k == "mem" else k): v for k, v in limits.items()},
+                        base=self.spec.replace(name=None))
+        changed = {k: getattr(new, k) for k in limits if k != "mem"}
+        if "mem" in limits:
+            changed["memory"] = new.memory
+        plan = make_plan(new.replace(namespaces=frozenset(), explicit_namespaces=frozenset()))
+        cg_changes = {k: v for k, v in changed.items() if k in plan.cgroup_limits}
+        if "memory" in cg_changes and "swap" in plan.cgroup_limits and "swap" not in cg_changes:
+            cg_changes["swap"] = plan.cgroup_limits["swap"]
+        if self.cgroup is not None and cg_changes:
+            try:
+                self.cgroup.apply(cg_changes)
+            except OSError as err:
+                raise ContainerError(f"could not change the limits: {err.strerror or err}",
+                                     err.errno) from None
+        if self._sampler and "memory" in plan.fallback_limits:
+            self._sampler.memory_limit = plan.fallback_limits["memory"]
+        self.spec = self.spec.replace(**{k: getattr(new, k) for k in changed})
+        assert self.plan is not None
+        self.plan.limits.update({k: v for k, v in plan.limits.items() if k in changed or k == "swap"})
+        return changed
+
+    def stats(self) -> Stats:
+        """Usage and limits now (from the cgroup; sampled and approximate without one)."""
+        if self.cgroup is not None and self.running:
+            return self.cgroup.stats()
+        if self.init_pid and self.running:
+            return Sampler(self.init_pid).snapshot()
+        raise ContainerStateError(f"container {self.name!r} is not running")
+
+    def freeze(self) -> None:
+        self._require_cgroup("freeze").freeze(True)
+
+    def thaw(self) -> None:
+        self._require_cgroup("thaw").freeze(False)
+
+    def _require_cgroup(self, what: str) -> cgroups.Cgroup:
+        if self.cgroup is None or not self.running:
+            raise ContainerStateError(f"cannot {what} {self.name!r}: it has no cgroup "
+                                      "(not running, or the host has no usable cgroups)")
+        return self.cgroup
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self, code: str, **kwargs: Any) -> RunResult:
+        """Run Python source in the container (in a fresh ``__main__``)."""
+        return self._execute(None, code, **kwargs)
+
+    def exec(self, argv: Union[Sequence[str], str], **kwargs: Any) -> RunResult:
+        """Run a command in the container: a list of arguments, or a string for ``/bin/sh -c``."""
+        if isinstance(argv, str):
+            argv = ["/bin/sh", "-c", argv]
+        if not argv:
+            raise ValueError("exec needs a command, like ['ls', '-l']")
+        return self._execute([str(a) for a in argv], None, **kwargs)
+
+    def _env(self, extra: Optional[Dict[str, str]]) -> Dict[str, str]:
+        path = _PATH
+        if self.spec.rootfs is None:  # the notebook's own tools come first, as outside
+            path = os.path.dirname(sys.executable) + ":" + path
+        env = {"PATH": path, "HOME": "/root", "HOSTNAME": self.spec.hostname or self.name,
+               "PYTHONUNBUFFERED": "1", "container": "pynsbook"}
+        for key in ("LANG", "LC_ALL", "TERM"):
+            if key in os.environ:
+                env[key] = os.environ[key]
+        env.update(dict(self.spec.env))
+        env.update(extra or {})
+        return env
+
+    def _execute(self, argv: Optional[List[str]], code: Optional[str], *,
+                 on_stdout: Optional[Callback] = None, on_stderr: Optional[Callback] = None,
+                 timeout: Optional[float] = None, stdin: Optional[bytes] = None,
+                 env: Optional[Dict[str, str]] = None, workdir: Optional[str] = None,
+                 on_start: Optional[Callable[["Container", str], None]] = None) -> RunResult:
+        if not self.running:
+            raise ContainerStateError(f"container {self.name!r} is not running"
+                                      + (" (start it first)" if self._shim is None else ""))
+        assert self.plan is not None
+        timeout = timeout if timeout is not None else self.spec.timeout
+        rid = str(next(self._ids))
+        job = self._jobs[rid] = _Job(rid)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        msg: Dict[str, Any] = {"op": "exec", "id": rid, "env": self._env(env),
+                               "workdir": workdir or self.spec.workdir or
+                               (os.getcwd() if self.spec.rootfs is None else "/")}
+        fds = [in_r, out_w, err_w]
+        if code is not None:
+            msg["python"] = True
+            fds.append(protocol.payload_fd(code.encode("utf-8")))
+        else:
+            msg["argv"] = argv
+        fb = self.plan.fallback_limits
+        if "pids" in fb:
+            msg["rlimits"] = {"nproc": fb["pids"]}
+        if "cpuset" in fb:
+            msg["cpus_affinity"] = _cpu_list(fb["cpuset"])
+        before = self.cgroup.stats() if self.cgroup else None
+        if self.cgroup:
+            self.cgroup.start_peak_window()
+        sampler = None
+        if not self.cgroup or "memory" in fb:
+            sampler = self._sampler = Sampler(self.init_pid or 0, fb.get("memory"))
+        t0 = time.monotonic()
+        try:
+            self._send(msg, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if stdin:
+            threading.Thread(target=_feed, args=(in_w, stdin), daemon=True).start()
+        else:
+            os.close(in_w)
+        if on_start:
+            on_start(self, rid)
+        result = RunResult(exit_code=-1, container=self.name, namespaces=list(self.plan.namespaces),
+                           limits=dict(self.plan.limits), dropped=dict(self.plan.dropped),
+                           enforcement=self.plan.enforcement)
+        try:
+            self._pump(job, out_r, err_r, result, on_stdout, on_stderr, t0, timeout, sampler)
+        except KeyboardInterrupt:
+            self._interrupt(job)
+            raise
+        finally:
+            os.close(out_r)
+            os.close(err_r)
+            self._jobs.pop(rid, None)
+            if sampler:
+                sampler.stop()
+        result.wall_time = time.monotonic() - t0
+        result.exit_code = job.code if job.code is not None else 137
+        result.signal = job.signal
+        self._account(result, job, before, sampler)
+        return result
+
+    def _pump(self, job: _Job, out_r: int, err_r: int, result: RunResult,
+              on_stdout: Optional[Callback], on_stderr: Optional[Callback], t0: float,
+              timeout: Optional[float], sampler: Optional[Sampler]) -> None:
+        """Stream the job's output to the callbacks until it exits; enforce the timeout."""
+        sel = selectors.DefaultSelector()
+        decoders = {out_r: codecs.getincrementaldecoder("utf-8")("replace"),
+                    err_r: codecs.getincrementaldecoder("utf-8")("replace")}
+        chunks: Dict[int, List[str]] = {out_r: [], err_r: []}
+        callbacks = {out_r: on_stdout, err_r: on_stderr}
+        for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        kill_at: Optional[float] = None
+        exited_at: Optional[float] = None
+        try:
+            while sel.get_map():
+                now = time.monotonic()
+                if job.exited.is_set() and exited_at is None:
+                    exited_at = now
+                if exited_at is not None and now - exited_at > 0.5:
+                    break  # a background grandchild holds the pipes open: stop reading
+                if timeout is not None and not result.timed_out and now - t0 > timeout and not job.exited.is_set():
+                    result.timed_out = True
+                    self._signal_job(job, signal.SIGTERM)
+                    kill_at = now + _STOP_GRACE
+                if kill_at is not None and now > kill_at and not job.exited.is_set():
+                    self._signal_job(job, signal.SIGKILL)
+                    kill_at = None
+                if sampler and sampler.sample():
+                    self._signal_job(job, signal.SIGKILL)  # over the memory limit (fallback)
+                for key, _ in sel.select(0.05):
+                    try:
+                        data = os.read(key.fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        sel.unregister(key.fd)
+                        continue
+                    text = decoders[key.fd].decode(data)
+                    if text:
+                        chunks[key.fd].append(text)
+                        cb = callbacks[key.fd]
+                        if cb:
+                            cb(text)
+            while not job.exited.wait(0.05):  # pipes closed: the process is about to exit
+                if timeout is not None and time.monotonic() - t0 > timeout + 2 * _STOP_GRACE:
+                    self._signal_job(job, signal.SIGKILL)
+        finally:
+            sel.close()
+            for fd, dec in decoders.items():
+                tail = dec.decode(b"", final=True)
+                if tail:
+                    chunks[fd].append(tail)
+            result.stdout = "".join(chunks[out_r])
+            result.stderr = "".join(chunks[err_r])
+
+    def _signal_job(self, job: _Job, sig: int) -> None:
+        try:
+            self._send({"op": "signal", "id": job.rid, "sig": int(sig)})
+        except OSError:
+            pass
+
+    def _interrupt(self, job: _Job) -> None:
+        """The stop button: SIGINT, then SIGTERM, then SIGKILL, with short waits."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            self._signal_job(job, sig)
+            if job.exited.wait(_STOP_GRACE):
+                return
+
+    def _account(self, result: RunResult, job: _Job, before: Optional[Stats],
+                 sampler: Optional[Sampler]) -> None:
+        if self.cgroup is not None:
+            after = self.cgroup.stats()
+            if after.oom_kills is not None and before is not None:
+                result.oom_killed = (after.oom_kills or 0) > (before.oom_kills or 0)
+            if after.cpu_time is not None and before is not None and before.cpu_time is not None:
+                result.cpu_time = after.cpu_time - before.cpu_time
+            result.peak_memory = self.cgroup.peak_memory()
+            if after.pids_limit_hits is not None and before is not None:
+                result.pids_limit_hits = (after.pids_limit_hits or 0) - (before.pids_limit_hits or 0)
+        if result.cpu_time is None and job.rusage:
+            result.cpu_time = job.rusage.get("utime", 0) + job.rusage.get("stime", 0)
+        if sampler is not None:
+            if result.peak_memory is None or "memory" in self.plan.fallback_limits:  # type: ignore[union-attr]
+                result.peak_memory = max(sampler.peak, int(job.rusage.get("maxrss", 0)))
+            if sampler.killed:
+                result.oom_killed = True
+
+
+def _feed(fd: int, data: bytes) -> None:
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+    except OSError:
+        pass
+
+
+def _cpu_list(cpuset: str) -> List[int]:
+    out: List[int] = []
+    for part in cpuset.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+_LIVE: "weakref.WeakSet[Container]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Interpreter exit (a kernel restart): stop every container of this process."""
+    for c in list(_LIVE):
+        try:
+            c.stop(timeout=0.2)
+        except BaseException:
+            pass
+
+
+def run(code_or_argv: Union[str, Sequence[str]], *, on_stdout: Optional[Callback] = None,
+        on_stderr: Optional[Callback] = None, stdin: Optional[bytes] = None,
+        **options: Any) -> RunResult:
+    """Run Python source (a str) or a command (a list) in a new container, then remove it.
+
+    Options are the keywords of the option table (``memory="64M"``, ``cpus=0.5``,
+    ``pids=32``, ``namespaces=[...]``, ``timeout=10``, ...).
+    """
+    with Container(**options) as c:
+        if isinstance(code_or_argv, str):
+            return c.run(code_or_argv, on_stdout=on_stdout, on_stderr=on_stderr, stdin=stdin)
+        return c.exec(list(code_or_argv), on_stdout=on_stdout, on_stderr=on_stderr, stdin=stdin)

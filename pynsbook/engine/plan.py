@@ -1,0 +1,93 @@
+"""Decide how a Spec is carried out on this host: which namespaces, which limits go to the
+cgroup, which to the fallback (rlimits, CPU affinity, sampling) — or refuse, naming why.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .. import cgroups, probe
+from ..cgroups.base import LIMIT_CONTROLLER
+from ..errors import UnsupportedError
+from ..spec import NAMESPACES, Spec, format_size, option
+
+
+@dataclass
+class Plan:
+    namespaces: List[str]
+    cgroup_limits: Dict[str, Any] = field(default_factory=dict)
+    #: enforced without cgroups: "memory" (sampling), "pids" (RLIMIT_NPROC), "cpuset" (affinity)
+    fallback_limits: Dict[str, Any] = field(default_factory=dict)
+    dropped: Dict[str, str] = field(default_factory=dict)
+    dropped_namespaces: Dict[str, str] = field(default_factory=dict)
+    use_cgroup: bool = False
+    #: the limits in force, by keyword
+    limits: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def enforcement(self) -> str:
+        if self.use_cgroup and not self.fallback_limits:
+            return cgroups.backend().name
+        return "fallback" if self.fallback_limits or not self.use_cgroup else cgroups.backend().name
+
+
+def _describe(key: str, value: Any) -> str:
+    flag = option(key).flag
+    if key in ("memory", "swap"):
+        return f"{flag} {format_size(value)}"
+    if key.startswith("io_"):
+        return f"{flag} " + ",".join(f"{io.label}:{format_size(io.rate)}/s" for io in value)
+    return f"{flag} {value}"
+
+
+def make_plan(spec: Spec) -> Plan:
+    support = probe.namespaces()
+    namespaces, dropped_ns = [], {}
+    for name in NAMESPACES:
+        if name not in spec.namespaces:
+            continue
+        ok, reason, fix = support[name]
+        if ok:
+            namespaces.append(name)
+        elif name in spec.explicit_namespaces and not spec.best_effort:
+            raise UnsupportedError(f"--ns {name}", reason, fix)
+        else:
+            dropped_ns[name] = reason
+    if os.geteuid() != 0 and "user" not in namespaces:
+        # without a user namespace an unprivileged user can create no namespace at all
+        for name in list(namespaces):
+            namespaces.remove(name)
+            dropped_ns[name] = support["user"][1]
+    plan = Plan(namespaces=namespaces, dropped_namespaces=dropped_ns)
+
+    backend = cgroups.backend()
+    have = backend.controllers()
+    plan.use_cgroup = bool(have)
+    for key, value in spec.limits().items():
+        raw = getattr(spec, key)
+        controller = LIMIT_CONTROLLER[key]
+        if controller in have and (key != "swap" or backend.can_swap()):
+            plan.cgroup_limits[key] = raw
+            plan.limits[key] = value
+            continue
+        missing = backend.missing(controller)
+        reason = missing.reason
+        if key == "swap" and controller in have:
+            reason = "this kernel does not account swap per cgroup (swapaccount=1 is off)"
+        if not spec.best_effort:
+            raise UnsupportedError(_describe(key, raw), reason,
+                                   (missing.fix or "") + " — or pass --best-effort to run without it")
+        if key in ("memory", "cpuset") or (key == "pids" and os.geteuid() != 0):
+            plan.fallback_limits[key] = raw
+            plan.limits[key] = value
+        else:
+            plan.dropped[key] = reason
+    if spec.memory is not None and "memory" in plan.cgroup_limits and spec.swap is None:
+        plan.cgroup_limits["swap"] = 0 if backend.can_swap() else None
+        if backend.can_swap():
+            plan.limits["swap"] = 0
+        plan.cgroup_limits = {k: v for k, v in plan.cgroup_limits.items() if v is not None or k != "swap"}
+    if spec.timeout is not None:
+        plan.limits["timeout"] = spec.timeout
+    return plan

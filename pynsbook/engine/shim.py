@@ -1,0 +1,83 @@
+"""The shim: the first process of a container, started by the client as
+``python -m pynsbook.engine.shim FD``. Fork protocol:
+
+  client                    shim (host PID ns)                  init (PID 1 of the container)
+  Popen(shim) ──config──▶   unshare(user) ─map_ids─▶ client writes uid/gid maps ─mapped─▶
+                            unshare(pid, time); set uptime
+                            fork ───────────────────────────▶  join cgroup; unshare(mnt, uts,
+                            ─init pid─▶ client                  ipc, net, cgroup); hostname, lo,
+                            waitpid(init); exit with its status  root filesystem ─ready─▶ client
+                                                               serve exec requests until stop
+
+The shim stays outside the new PID namespace so the client can wait for it: when the shim
+exits, init and every process of the container are gone.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any, Dict
+
+from ..errors import ContainerError
+from ..linux import ids, libc
+from . import protocol
+
+
+def _fail(sock: socket.socket, err: BaseException) -> "None":
+    if isinstance(err, OSError) and not isinstance(err, ContainerError):
+        err = ContainerError(f"container setup: {err.strerror or err}", err.errno)
+    payload = err.to_dict() if hasattr(err, "to_dict") else {"kind": "ContainerError",
+                                                             "message": f"container setup: {err}"}
+    try:
+        protocol.send(sock, {"event": "error", "error": payload})
+    finally:
+        os._exit(125)
+
+
+def enter_user_and_pid(sock: socket.socket, cfg: Dict[str, Any]) -> None:
+    ns = set(cfg["namespaces"])
+    if "user" in ns:
+        libc.unshare(libc.CLONE_NEWUSER)
+        if cfg["map_by_client"]:
+            protocol.send(sock, {"event": "map_ids", "pid": os.getpid()})
+            reply, _ = protocol.recv(sock)
+            if not reply or reply.get("op") != "mapped":
+                os._exit(125)
+        else:
+            ids.write_id_maps("self", f"0 {cfg['uid']} 1", f"0 {cfg['gid']} 1", deny_setgroups=True)
+    flags = (libc.CLONE_NEWPID if "pid" in ns else 0) | (libc.CLONE_NEWTIME if "time" in ns else 0)
+    if flags:
+        libc.unshare(flags)
+    if "time" in ns and cfg.get("uptime") is not None:
+        ids.set_uptime(float(cfg["uptime"]))
+
+
+def main(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    cfg, _ = protocol.recv(sock)
+    if cfg is None:
+        os._exit(125)
+    try:
+        enter_user_and_pid(sock, cfg)
+        pid = os.fork()
+    except OSError as err:
+        _fail(sock, err)
+        return
+    if pid == 0:
+        from .init import init_main
+        init_main(sock, cfg)  # never returns
+    protocol.send(sock, {"event": "init", "pid": pid})
+    sock.close()
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
+             else 128 + os.WTERMSIG(status))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -1,0 +1,1 @@
+"""Thin, typed wrappers over the Linux system calls containers are made of."""

@@ -1,0 +1,218 @@
+"""Build a container's root filesystem inside its own mount namespace, then pivot into it.
+
+Two shapes:
+- host view (no rootfs given): the host's filesystems, each under an overlay whose upper
+  layer is a throwaway tmpfs, so the container may write anywhere and nothing reaches the host;
+- ``rootfs=DIR``: DIR as the overlay's lower layer, so DIR itself is never modified.
+Both get a fresh /proc, /sys, /dev, /tmp and /run. Every step runs after the mount namespace
+was made ``rprivate``, so no mount propagates back to the host.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from typing import Dict, List, Optional, Sequence
+
+from . import libc
+from .mountinfo import Mount, read_mountinfo
+
+SCRATCH = "/tmp"  # covered by our private tmpfs; the container gets a fresh /tmp anyway
+_SKIP_UNDER = ("/proc", "/sys", "/dev", "/tmp", "/run")
+_PSEUDO = {"proc", "sysfs", "cgroup", "cgroup2", "securityfs", "debugfs", "tracefs", "bpf",
+           "pstore", "configfs", "fusectl", "binfmt_misc", "autofs", "devpts", "mqueue",
+           "hugetlbfs", "nsfs", "devtmpfs", "efivarfs", "rpc_pipefs", "selinuxfs"}
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_NOSUID_NODEV = libc.MS_NOSUID | libc.MS_NODEV
+
+
+def _under(path: str, prefixes: Sequence[str]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def _mkdirs(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+
+
+def _statvfs_flags(path: str) -> int:
+    """Mount flags a read-only bind must keep (a user namespace may not clear them)."""
+    f = os.statvfs(path).f_flag
+    out = 0
+    for st, ms in ((os.ST_NOSUID, libc.MS_NOSUID), (os.ST_NODEV, libc.MS_NODEV),
+                   (os.ST_NOEXEC, libc.MS_NOEXEC)):
+        if f & st:
+            out |= ms
+    return out
+
+
+def bind_readonly(source: str, target: str, recursive: bool = True) -> None:
+    flags = libc.MS_BIND | (libc.MS_REC if recursive else 0)
+    libc.mount(source, target, None, flags)
+    libc.mount(None, target, None,
+               libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | _statvfs_flags(target))
+
+
+class RootBuilder:
+    """Builds the new root under SCRATCH/root. One instance per container init."""
+
+    def __init__(self, rootfs: Optional[str], namespaces: Sequence[str],
+                 cgroup_mounts: Sequence[Dict[str, str]]) -> None:
+        self.rootfs = rootfs
+        self.ns = set(namespaces)
+        self.cgroup_mounts = cgroup_mounts
+        self.root = os.path.join(SCRATCH, "root")
+        self.userns = "user" in self.ns
+        self._layers = 0
+
+    # -- layers --------------------------------------------------------------------------
+
+    def _overlay(self, lower: str, target: str) -> None:
+        self._layers += 1
+        upper = os.path.join(SCRATCH, f"upper{self._layers}")
+        work = os.path.join(SCRATCH, f"work{self._layers}")
+        os.mkdir(upper)
+        os.mkdir(work)
+        # in a user namespace overlayfs may only use user.* xattrs (trusted.* needs host root)
+        extra = ",userxattr" if self.userns else ""
+        libc.mount("overlay", target, "overlay", 0,
+                   f"lowerdir={lower},upperdir={upper},workdir={work}{extra}")
+
+    def _mirror(self, src: str, dst: str, mountpoints: Sequence[str]) -> None:
+        """Put every entry of host directory ``src`` into ``dst`` under its own overlay.
+
+        One overlay over all of ``/`` would be simpler, but in a user namespace the kernel
+        refuses a lower layer with mounts below it (they are locked: the overlay would show
+        what they cover). So directories with no mount below them get an overlay each, and
+        directories holding mount points are walked into.
+        """
+        try:
+            entries = list(os.scandir(src))
+        except OSError:
+            return  # unreadable for this user: it stays an empty directory
+        for entry in entries:
+            path = os.path.join(src, entry.name)
+            target = os.path.join(dst, entry.name)
+            if _under(path, _SKIP_UNDER):
+                if entry.is_dir(follow_symlinks=False):
+                    os.mkdir(target)
+                continue
+            if entry.is_symlink():
+                os.symlink(os.readlink(path), target)
+            elif entry.is_dir(follow_symlinks=False):
+                os.mkdir(target)
+                below = [m for m in mountpoints if m.startswith(path + "/")]
+                if below:
+                    self._mirror(path, target, mountpoints)
+                else:
+                    self._layer_or_bind(path, target)
+            elif entry.is_file(follow_symlinks=False):
+                open(target, "w").close()
+                try:
+                    bind_readonly(path, target, recursive=False)
+                except OSError:
+                    pass
+
+    def _layer_or_bind(self, path: str, target: str) -> None:
+        try:
+            self._overlay(path, target)
+        except OSError:
+            try:  # some filesystems cannot be an overlay's lower layer: show them read-only
+                bind_readonly(path, target, recursive=False)
+            except OSError:
+                pass  # a mount this user may not see (another user's FUSE mount)
+
+    # -- special filesystems -------------------------------------------------------------
+
+    def _proc(self) -> None:
+        target = self.root + "/proc"
+        try:
+            libc.mount("proc", target, "proc", _NOSUID_NODEV | libc.MS_NOEXEC)
+        except OSError:
+            if "pid" in self.ns:
+                raise
+            bind_readonly("/proc", target)  # no PID namespace: the host's processes show
+
+    def _sys(self) -> None:
+        target = self.root + "/sys"
+        try:
+            if "net" not in self.ns:
+                raise OSError(errno.EPERM, "sysfs shows the host network")
+            libc.mount("sysfs", target, "sysfs", _NOSUID_NODEV | libc.MS_NOEXEC | libc.MS_RDONLY)
+        except OSError:
+            bind_readonly("/sys", target)
+            return
+        if "cgroup" in self.ns and self.cgroup_mounts:
+            self._cgroupfs(target + "/fs/cgroup")
+
+    def _cgroupfs(self, base: str) -> None:
+        """Show the container its own cgroup as the root of /sys/fs/cgroup (read-only)."""
+        flags = _NOSUID_NODEV | libc.MS_NOEXEC | libc.MS_RDONLY
+        try:
+            if len(self.cgroup_mounts) == 1 and self.cgroup_mounts[0]["type"] == "cgroup2":
+                libc.mount("cgroup2", base, "cgroup2", flags)
+                return
+            libc.mount("tmpfs", base, "tmpfs", _NOSUID_NODEV | libc.MS_NOEXEC, "mode=755")
+            for cm in self.cgroup_mounts:
+                target = os.path.join(base, cm["name"])
+                os.mkdir(target)
+                libc.mount("cgroup", target, cm["type"], flags, cm.get("options"))
+            libc.mount(None, base, None, libc.MS_REMOUNT | libc.MS_RDONLY | flags)
+        except OSError:
+            pass  # a view for curious students, not a limit: the limits still hold
+
+    def _dev(self) -> None:
+        dev = self.root + "/dev"
+        libc.mount("tmpfs", dev, "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC, "mode=755,size=64k")
+        for name in _DEVICES:
+            target = os.path.join(dev, name)
+            open(target, "w").close()
+            libc.mount("/dev/" + name, target, None, libc.MS_BIND)
+        for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                           ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                           ("ptmx", "pts/ptmx"), ("core", "/proc/kcore")):
+            os.symlink(link, os.path.join(dev, name))
+        os.mkdir(dev + "/pts")
+        try:
+            libc.mount("devpts", dev + "/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC,
+                       "newinstance,ptmxmode=0666,mode=620")
+        except OSError:
+            pass  # no terminals in this container; everything else works
+        os.mkdir(dev + "/shm")
+        libc.mount("shm", dev + "/shm", "tmpfs", _NOSUID_NODEV, "mode=1777")
+        if "ipc" in self.ns:
+            os.mkdir(dev + "/mqueue")
+            try:
+                libc.mount("mqueue", dev + "/mqueue", "mqueue", _NOSUID_NODEV | libc.MS_NOEXEC)
+            except OSError:
+                pass
+
+    # -- the whole thing -----------------------------------------------------------------
+
+    def build(self) -> None:
+        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+        mountpoints = sorted({m.mountpoint for m in read_mountinfo()
+                              if m.fstype not in _PSEUDO or m.mountpoint == "/"})
+        lower_fd = os.open(self.rootfs, os.O_RDONLY | os.O_DIRECTORY) if self.rootfs else -1
+        try:
+            libc.mount("tmpfs", SCRATCH, "tmpfs", _NOSUID_NODEV, "mode=0755")
+            os.mkdir(self.root)
+            if self.rootfs:
+                self._overlay(f"/proc/self/fd/{lower_fd}", self.root)
+            else:
+                libc.mount(self.root, self.root, None, libc.MS_BIND)  # pivot_root wants a mount
+                self._mirror("/", self.root, mountpoints)
+        finally:
+            if lower_fd >= 0:
+                os.close(lower_fd)
+        for d in ("proc", "sys", "dev", "tmp", "run"):
+            _mkdirs(os.path.join(self.root, d))
+        self._proc()
+        self._sys()
+        self._dev()
+        libc.mount("tmpfs", self.root + "/tmp", "tmpfs", _NOSUID_NODEV, "mode=1777")
+        libc.mount("tmpfs", self.root + "/run", "tmpfs", _NOSUID_NODEV, "mode=755")
+        os.chdir(self.root)
+        # pivot_root(".", ".") stacks the old root on top of the new one; detaching it
+        # leaves only the new root (the trick runc uses: no put_old directory needed)
+        libc.pivot_root(".", ".")
+        libc.umount2(".", libc.MNT_DETACH)
+        os.chdir("/")
