@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .. import cgroups
 from ..errors import (ContainerError, ContainerNotFound, ContainerStateError, PynsbookError,
@@ -26,7 +26,10 @@ from ..results import RunResult, Stats
 from ..spec import Spec, make_spec
 from . import protocol
 from .plan import Plan, make_plan
-from .sampler import Sampler
+
+if TYPE_CHECKING:
+    from .sampler import Sampler
+
 
 Callback = Callable[[str], None]
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,6 +77,18 @@ def _cgroup_mounts() -> List[Dict[str, str]]:
     return out
 
 
+def _create_cgroup(name: str) -> cgroups.Cgroup:
+    for attempt in range(3):
+        try:
+            return cgroups.backend().create(name)
+        except FileNotFoundError:
+            # the shim of this session's last container removed the session directory
+            # between our mkdirs: make it again
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 class _Job:
     """One process a container runs, as the client tracks it."""
 
@@ -115,7 +130,7 @@ class Container:
         self._reader: Optional[threading.Thread] = None
         self._dead = threading.Event()
         self._stopped = False
-        self._sampler: Optional[Sampler] = None
+        self._sampler: Optional["Sampler"] = None
         self.started_at: Optional[float] = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -136,7 +151,7 @@ class Container:
         self.plan = plan = make_plan(self.spec)
         try:
             if plan.use_cgroup:
-                self.cgroup = cgroups.backend().create(f"{self.name}-{self.id[:6]}" if self.spec.name else self.id)
+                self.cgroup = _create_cgroup(f"{self.name}-{self.id[:6]}" if self.spec.name else self.id)
                 try:
                     self.cgroup.apply(plan.cgroup_limits)
                 except OSError as err:
@@ -160,6 +175,7 @@ class Container:
             "map_by_client": os.geteuid() == 0,
             "uid": os.geteuid(), "gid": os.getegid(),
             "cgroup_procs": list(self.cgroup.procs_files) if self.cgroup else [],
+            "cgroup_dirs": [os.path.dirname(p) for p in self.cgroup.procs_files] if self.cgroup else [],
             "hostname": self.spec.hostname or self.name,
             "rootfs": self.spec.rootfs,
             "uptime": self.spec.uptime,
@@ -209,7 +225,7 @@ class Container:
             _, err = self._shim.communicate()
         text = (err or b"").decode(errors="replace").strip().splitlines()
         last = text[-1] if text else f"exit status {self._shim.returncode}"
-        return ContainerError(f"the container's init stopped before it was ready: {last}")
+        return ContainerError(f"the container's init stopped unexpectedly: {last}")
 
     def _read_events(self) -> None:
         sock = self._sock
@@ -335,6 +351,7 @@ class Container:
         if self.cgroup is not None and self.running:
             return self.cgroup.stats()
         if self.init_pid and self.running:
+            from .sampler import Sampler
             return Sampler(self.init_pid).snapshot()
         raise ContainerStateError(f"container {self.name!r} is not running")
 
@@ -411,6 +428,7 @@ class Container:
             self.cgroup.start_peak_window()
         sampler = None
         if not self.cgroup or "memory" in fb:
+            from .sampler import Sampler
             sampler = self._sampler = Sampler(self.init_pid or 0, fb.get("memory"))
         t0 = time.monotonic()
         try:
@@ -439,14 +457,16 @@ class Container:
             if sampler:
                 sampler.stop()
         result.wall_time = time.monotonic() - t0
-        result.exit_code = job.code if job.code is not None else 137
+        if job.code is None:  # the init itself is gone: the container is broken, not the code
+            raise self._died_early()
+        result.exit_code = job.code
         result.signal = job.signal
         self._account(result, job, before, sampler)
         return result
 
     def _pump(self, job: _Job, out_r: int, err_r: int, result: RunResult,
               on_stdout: Optional[Callback], on_stderr: Optional[Callback], t0: float,
-              timeout: Optional[float], sampler: Optional[Sampler]) -> None:
+              timeout: Optional[float], sampler: Optional["Sampler"]) -> None:
         """Stream the job's output to the callbacks until it exits; enforce the timeout."""
         sel = selectors.DefaultSelector()
         decoders = {out_r: codecs.getincrementaldecoder("utf-8")("replace"),
@@ -514,7 +534,7 @@ class Container:
                 return
 
     def _account(self, result: RunResult, job: _Job, before: Optional[Stats],
-                 sampler: Optional[Sampler]) -> None:
+                 sampler: Optional["Sampler"]) -> None:
         if self.cgroup is not None:
             after = self.cgroup.stats()
             if after.oom_kills is not None and before is not None:

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 from ..linux import libc, netns
 from . import protocol
 from .shim import _fail
+from .workload import run_workload  # now: after pivot_root pynsbook's files may be gone
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
               signal.SIGUSR2)
@@ -134,8 +135,7 @@ class Init:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            from .workload import run_workload
-            run_workload(msg, fds, keep=())  # never returns
+            run_workload(msg, fds)  # never returns
         for fd in fds:
             os.close(fd)
         self.jobs[pid] = msg["id"]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any, Dict
+import time
+from typing import Any, Dict, List
 
 from ..errors import ContainerError
 from ..linux import ids, libc
@@ -53,6 +54,28 @@ def enter_user_and_pid(sock: socket.socket, cfg: Dict[str, Any]) -> None:
         ids.set_uptime(float(cfg["uptime"]))
 
 
+def remove_cgroups(dirs: List[str]) -> None:
+    """The container is over: empty and delete its cgroups, even if the client is gone
+    (a killed kernel). Only the directories pynsbook created for this container."""
+    from ..cgroups.base import kill_pids, procs, rmdir_retry
+    for d in dirs:
+        for _ in range(20):
+            pids = procs(d)
+            if not pids:
+                break
+            kill_pids(pids)  # left behind only without a PID namespace
+            time.sleep(0.01)
+        try:
+            rmdir_retry(d)
+        except OSError:
+            pass
+    for session in {os.path.dirname(d) for d in dirs}:
+        try:
+            os.rmdir(session)  # the session's last container: the client may be gone too
+        except OSError:
+            pass
+
+
 def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     cfg, _ = protocol.recv(sock)
@@ -75,6 +98,7 @@ def main(fd: int) -> None:
             break
         except InterruptedError:
             continue
+    remove_cgroups(cfg.get("cgroup_dirs") or [])
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
              else 128 + os.WTERMSIG(status))
 

@@ -11,9 +11,10 @@ import os
 import resource
 import signal
 import sys
+import threading
 import traceback
 import types
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List
 
 from . import protocol
 
@@ -75,14 +76,13 @@ def _run_python(code: str) -> int:
         traceback.print_exception(etype, value, tb.tb_next if tb else None)
         status = 1
     try:
-        import threading
         getattr(threading, "_shutdown", lambda: None)()  # wait for non-daemon threads
     except BaseException:
         pass
     return status
 
 
-def run_workload(msg: Dict[str, Any], fds: List[int], keep: Sequence[int] = ()) -> None:
+def run_workload(msg: Dict[str, Any], fds: List[int]) -> None:
     """In the forked child: set up fds and limits, then exec or run the code. Never returns."""
     status = 127
     try:

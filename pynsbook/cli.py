@@ -1,0 +1,108 @@
+"""The ``pynsbook`` command: run, doctor (and, as they land, bench, images, kernel)."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from typing import List, Optional
+
+from . import spec as spec_mod
+from .errors import PynsbookError
+
+EXIT_SETUP = 125  # the container could not be created (as docker run uses it)
+EXIT_TIMEOUT = 124  # as timeout(1)
+
+
+def _run_parser(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser("run", help="run a command in a new container",
+                       description="Run CMD in a new container and exit with its status "
+                                   "(137 and a message when it ran out of memory, 124 on timeout).",
+                       epilog="examples:\n  pynsbook run --mem 64M -- python3 -c 'print(1)'\n"
+                              "  pynsbook run --cpus 0.5 --pids 32 --hostname lab -- sh -c 'hostname; ps ax'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    spec_mod.add_arguments(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pynsbook", description="Linux containers for notebooks: "
+                                     "namespaces, cgroup limits and overlay roots.")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+    _run_parser(sub)
+    d = sub.add_parser("doctor", help="what this host supports, and how to enable the rest")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .engine.container import Container
+    command: List[str] = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise _Usage("run needs a command after --, like: pynsbook run --mem 64M -- python3 -c 'print(1)'")
+    spec = spec_mod.spec_from_args(args)
+
+    def on_out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def on_err(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    # SIGTERM to us stops the container the way Ctrl-C does: INT, TERM, then KILL
+    signal.signal(signal.SIGTERM, _interrupt)
+    with Container(spec=spec) as c:
+        result = c.exec(command, on_stdout=on_out, on_stderr=on_err)
+    for key, why in result.dropped.items():
+        sys.stderr.write(f"pynsbook: {spec_mod.option(key).flag} not enforced: {why}\n")
+    if result.oom_killed:
+        sys.stderr.write(f"pynsbook: {result.describe()}\n")
+        return 137
+    if result.timed_out:
+        sys.stderr.write(f"pynsbook: {result.describe()}\n")
+        return EXIT_TIMEOUT
+    return result.exit_code
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor
+    report = doctor()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report)
+    return 0
+
+
+class _Usage(Exception):
+    pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return _cmd_run(args)
+        if args.cmd == "doctor":
+            return _cmd_doctor(args)
+    except _Usage as err:
+        parser.exit(2, f"pynsbook: {err}\n")
+    except PynsbookError as err:
+        sys.stderr.write(f"pynsbook: {err}\n")
+        return 2 if isinstance(err, ValueError) else EXIT_SETUP
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Shared test helpers: leak snapshots and running code as an unprivileged user."""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import psutil
+
+TEST_USER = "pynsbook-test"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def our_cgroup_dirs() -> List[str]:
+    """Container cgroups of this process's session, in every hierarchy."""
+    from pynsbook import cgroups
+    from pynsbook.cgroups.base import TOP, session_name
+    backend = cgroups.backend()
+    bases = []
+    if hasattr(backend, "dirs"):
+        bases = list(backend.dirs.values())  # v1: one per hierarchy
+    elif backend.base():
+        bases = [backend.base()]
+    out = []
+    for base in bases:
+        sess = os.path.join(base, TOP, session_name())
+        if os.path.isdir(sess):
+            out += [os.path.join(sess, d) for d in os.listdir(sess)
+                    if os.path.isdir(os.path.join(sess, d))]
+    return out
+
+
+def snapshot() -> Dict[str, Any]:
+    me = psutil.Process()
+    return {"children": {p.pid for p in me.children(recursive=True)},
+            "mounts": _mounts(), "cgroups": set(our_cgroup_dirs())}
+
+
+def _mounts() -> List[str]:
+    with open("/proc/self/mountinfo") as f:
+        return sorted(" ".join(line.split()[3:5]) for line in f)
+
+
+def assert_nothing_left(before: Dict[str, Any], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        now = snapshot()
+        procs = now["children"] - before["children"]
+        cgs = now["cgroups"] - before["cgroups"]
+        mounts = set(now["mounts"]) - set(before["mounts"])
+        if not (procs or cgs or mounts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not procs, f"processes left behind: {[_cmd(p) for p in procs]}"
+    assert not cgs, f"cgroups left behind: {sorted(cgs)}"
+    assert not mounts, f"mounts left behind on the host: {sorted(mounts)}"
+
+
+def _cmd(pid: int) -> str:
+    try:
+        return f"{pid} {' '.join(psutil.Process(pid).cmdline())}"
+    except psutil.Error:
+        return str(pid)
+
+
+def rootless_user_available() -> Tuple[bool, str]:
+    """Create the unprivileged test user if needed (only as root) and check it can run us."""
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        r = subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                            "/usr/sbin/nologin", TEST_USER], capture_output=True, text=True)
+        if r.returncode != 0:
+            return False, f"cannot create the test user: {r.stderr.strip()}"
+    r = run_as_user("import pynsbook, psutil; print('{}')", check=False)
+    if r.returncode != 0:
+        return False, (f"the test user cannot run {sys.executable} with pynsbook "
+                       f"(is the checkout readable by others?): {r.stderr.strip()[-300:]}")
+    return True, ""
+
+
+def run_as_user(code: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run Python code as the unprivileged test user (or as ourselves if not root)."""
+    argv = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam(TEST_USER)
+        argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
+                "--"] + argv
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO,
+           "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
+    if check and r.returncode != 0:
+        raise AssertionError(f"as {TEST_USER}: exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def json_as_user(code: str) -> Any:
+    """Run code as the test user; it must print one JSON document last."""
+    r = run_as_user(code)
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,0 +1,160 @@
+"""Containers come and go cleanly: persistent containers, signals, and nothing left behind
+after success, failure, OOM, timeout, interrupt, or a SIGKILL of the process that made them."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+import pynsbook
+from pynsbook import Container, ContainerStateError
+from tests import helpers
+
+pytestmark = [pytest.mark.usefixtures("no_leaks")]
+CONTAINER = pytest.mark.needs("userns") if os.geteuid() else pytest.mark.needs("root")
+
+
+@CONTAINER
+def test_a_named_container_keeps_its_namespaces_and_files_between_runs():
+    with Container("lab", hostname="lab") as c:
+        assert pynsbook.get("lab") is c
+        c.exec(["sh", "-c", "echo remembered > /etc/note"])
+        r1 = c.exec(["cat", "/etc/note"])
+        r2 = c.run("import socket, os; print(socket.gethostname(), os.getpid() < 10)")
+        assert r1.stdout == "remembered\n"
+        assert r2.stdout.split() == ["lab", "True"]
+        with pytest.raises(ContainerStateError, match="already running"):
+            Container("lab").start()
+    assert "lab" not in pynsbook.containers()
+    with pytest.raises(ContainerStateError, match="not running"):
+        c.run("pass")
+
+
+@CONTAINER
+def test_output_arrives_while_the_process_runs():
+    seen = []
+    stamps = []
+    code = "import time\nfor i in range(3):\n    print('tick', i)\n    time.sleep(0.3)"
+    r = pynsbook.run(code, on_stdout=lambda t: (seen.append(t), stamps.append(time.monotonic())))
+    assert "".join(seen) == r.stdout == "tick 0\ntick 1\ntick 2\n"
+    assert stamps[-1] - stamps[0] > 0.4  # streamed, not delivered at the end
+
+
+@CONTAINER
+def test_stdout_and_stderr_are_kept_apart():
+    r = pynsbook.run("import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)")
+    assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 3)
+
+
+@CONTAINER
+def test_python_errors_show_a_traceback_without_pynsbook_frames():
+    r = pynsbook.run("def f():\n    1 / 0\nf()")
+    assert r.exit_code == 1
+    assert "ZeroDivisionError" in r.stderr and "pynsbook" not in r.stderr
+
+
+@CONTAINER
+def test_stdin_reaches_the_process():
+    assert pynsbook.run(["cat"], stdin=b"hello").stdout == "hello"
+
+
+@CONTAINER
+def test_stop_sends_sigterm_first_and_the_process_may_clean_up():
+    c = Container().start()
+    got = []
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (print('cleaning up', flush=True), sys.exit(0)))\n"
+            "print('ready', flush=True)\ntime.sleep(30)")
+    t = threading.Thread(target=lambda: got.append(c.run(code)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while c.stats().pids_current is not None and c.stats().pids_current < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    c.stop()
+    t.join(10)
+    assert got and "cleaning up" in got[0].stdout
+    assert got[0].exit_code == 0
+
+
+@CONTAINER
+def test_keyboard_interrupt_stops_the_process_and_cleans_up():
+    c = Container().start()
+    timer = threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        c.exec(["sleep", "30"])
+    assert time.monotonic() - t0 < 5
+    c.stop()
+
+
+@CONTAINER
+@pytest.mark.needs("cgroups")
+def test_nothing_is_left_after_oom_timeout_failure_and_bad_input():
+    assert pynsbook.run("x = bytearray(200 << 20)", memory="64M").oom_killed
+    assert pynsbook.run(["sleep", "10"], timeout=0.3).timed_out
+    assert pynsbook.run("raise SystemExit(4)").exit_code == 4
+    with pytest.raises(pynsbook.OptionError):
+        pynsbook.run("pass", memory="64X")
+    # (the no_leaks fixture checks processes, cgroups and mounts after the test)
+
+
+KILLED_PARENT = textwrap.dedent("""
+    import sys, time, pynsbook
+    c = pynsbook.Container(memory="64M").start()
+    print(c.init_pid, c.cgroup.path if c.cgroup else "", flush=True)
+    c.exec(["sleep", "300"])
+""")
+
+
+@CONTAINER
+def test_a_sigkilled_parent_leaves_nothing_after_the_next_start():
+    env = dict(os.environ, PYTHONPATH=helpers.REPO)
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT], stdout=subprocess.PIPE,
+                              text=True, env=env)
+    init_pid, cgroup_path = (parent.stdout.readline().split() + [""])[:2]
+    init_pid = int(init_pid)
+    time.sleep(0.5)
+    assert psutil.pid_exists(init_pid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(init_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not psutil.pid_exists(init_pid), "the container outlived its parent"
+    # the next start (another process) reaps whatever is left of the dead session
+    subprocess.run([sys.executable, "-c", "import pynsbook; pynsbook.run(['true'])"], env=env,
+                   check=True)
+    if cgroup_path:
+        assert not os.path.exists(cgroup_path)
+        assert not os.path.exists(os.path.dirname(cgroup_path))
+
+
+@CONTAINER
+def test_stale_sessions_of_dead_processes_are_reaped_but_live_ones_kept():
+    from pynsbook import cgroups
+    from pynsbook.cgroups.base import TOP, session_name
+    backend = cgroups.backend()
+    if not backend.controllers():
+        pytest.skip("no usable cgroups")
+    base = backend.dirs["memory"] if hasattr(backend, "dirs") else backend.base()
+    dead = os.path.join(base, TOP, "999999-1")  # no such process
+    live = os.path.join(base, TOP, session_name(os.getppid()))  # our parent: alive
+    os.makedirs(os.path.join(dead, "c1"))
+    os.makedirs(os.path.join(live, "c1"), exist_ok=True)
+    try:
+        backend.reap_stale()
+        assert not os.path.exists(dead)
+        assert os.path.exists(os.path.join(live, "c1"))
+    finally:
+        for d in (os.path.join(live, "c1"), live, os.path.join(dead, "c1"), dead):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass

@@ -1,0 +1,61 @@
+"""An unprivileged user: namespaces work through a user namespace; cgroup limits the host
+will not give this user are reported by doctor and refused with a clear error, or enforced
+approximately when the user asks for best effort."""
+import json
+import os
+
+import pytest
+
+from tests import helpers
+
+pytestmark = pytest.mark.needs("rootless_user")
+
+
+@pytest.mark.needs("userns")
+def test_unprivileged_user_gets_a_working_container_and_is_root_inside():
+    out = helpers.json_as_user("""
+import json, pynsbook
+r = pynsbook.run(["sh", "-c", "id -u; hostname; ls /sys/class/net; echo x > /etc/x && cat /etc/x"],
+                 hostname="student")
+print(json.dumps({"out": r.stdout.split(), "ns": r.namespaces, "code": r.exit_code}))
+""")
+    assert out["code"] == 0
+    assert out["out"] == ["0", "student", "lo", "x"]
+    assert set(out["ns"]) >= {"user", "pid", "mnt", "net", "uts"}
+
+
+def test_doctor_says_what_the_user_cannot_limit_and_how_to_fix_it():
+    out = helpers.json_as_user("import json, pynsbook; print(json.dumps(pynsbook.doctor().to_dict()))")
+    from pynsbook import cgroups
+    if cgroups.mode() in ("v1", "hybrid"):
+        memory = next(c for c in out["controllers"] if c["name"] == "memory")
+        assert not memory["ok"]
+        assert "root" in memory["reason"] and memory["fix"]
+
+
+def test_a_limit_the_user_cannot_have_is_refused_with_one_clear_line():
+    from pynsbook import cgroups
+    if cgroups.mode() not in ("v1", "hybrid"):
+        pytest.skip("on this host the user may have delegated cgroups")
+    r = helpers.run_as_user("import pynsbook; pynsbook.run('pass', memory='64M')", check=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("pynsbook.errors.UnsupportedError: --mem 64 MiB: ")
+    assert "--best-effort" in last
+
+
+def test_best_effort_enforces_memory_approximately_and_says_what_was_dropped():
+    out = helpers.json_as_user("""
+import json, pynsbook
+big = pynsbook.run("x = bytearray(300 << 20); import time; time.sleep(1)", memory="64M",
+                   cpus=0.5, best_effort=True)
+small = pynsbook.run("x = bytearray(8 << 20)", memory="64M", best_effort=True)
+print(json.dumps({"oom": big.oom_killed, "enf": big.enforcement, "dropped": big.dropped,
+                  "small_ok": small.ok, "peak": small.peak_memory}))
+""")
+    from pynsbook import cgroups
+    if cgroups.mode() in ("v1", "hybrid"):
+        assert out["enf"] == "fallback"
+        assert "cpus" in out["dropped"]
+    assert out["oom"] is True
+    assert out["small_ok"] is True
+    assert out["peak"] >= 8 << 20
