@@ -1,11 +1,17 @@
-"""The ``pynsbook`` command: run, doctor (and, as they land, bench, images, kernel)."""
+"""The ``pynsbook`` command.
+
+Each subcommand lives in the module that owns its feature and offers two functions:
+``add_parser(subparsers)`` and ``main(args) -> int``. ``SUBCOMMANDS`` lists them; the
+modules are imported only when their command runs (``pynsbook run`` stays quick).
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import spec as spec_mod
 from .errors import PynsbookError
@@ -25,14 +31,35 @@ def _run_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _doctor_parser(sub: "argparse._SubParsersAction") -> None:
+    d = sub.add_parser("doctor", help="what this host supports, and how to enable the rest")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+#: command name -> module holding its add_parser() and main(); "" means this module
+SUBCOMMANDS: Dict[str, str] = {
+    "run": "",
+    "doctor": "",
+}
+_LOCAL = {"run": (_run_parser, lambda a: _cmd_run(a)), "doctor": (_doctor_parser, lambda a: _cmd_doctor(a))}
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(SUBCOMMANDS[name], __package__) if SUBCOMMANDS[name] else None
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pynsbook", description="Linux containers for notebooks: "
                                      "namespaces, cgroup limits and overlay roots.")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.required = True
-    _run_parser(sub)
-    d = sub.add_parser("doctor", help="what this host supports, and how to enable the rest")
-    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    for name in SUBCOMMANDS:
+        if name in _LOCAL:
+            _LOCAL[name][0](sub)
+        elif only in (None, name):
+            _module(name).add_parser(sub)
+        else:  # listed in the help, parsed only when it is the command being run
+            sub.add_parser(name, help=f"(see pynsbook {name} --help)", add_help=False)
     return parser
 
 
@@ -87,13 +114,14 @@ class _Usage(Exception):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    only = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only if only in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     try:
-        if args.cmd == "run":
-            return _cmd_run(args)
-        if args.cmd == "doctor":
-            return _cmd_doctor(args)
+        if args.cmd in _LOCAL:
+            return _LOCAL[args.cmd][1](args)
+        return int(_module(args.cmd).main(args) or 0)
     except _Usage as err:
         parser.exit(2, f"pynsbook: {err}\n")
     except PynsbookError as err:
