@@ -60,6 +60,9 @@ class RunResult:
     enforcement: str = "fallback"
     pids_limit_hits: int = 0
     container: Optional[str] = None
+    #: variables brought back from Python code (``outputs=``), and why others could not be
+    outputs: Dict[str, Any] = field(default_factory=dict)
+    output_errors: Dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

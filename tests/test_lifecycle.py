@@ -158,3 +158,51 @@ def test_stale_sessions_of_dead_processes_are_reaped_but_live_ones_kept():
                 os.rmdir(d)
             except OSError:
                 pass
+
+
+@CONTAINER
+def test_persistent_python_keeps_variables_between_runs_of_a_named_container():
+    with Container("state") as c:
+        c.run("counter = 41", persistent=True)
+        r = c.run("counter += 1\nprint(counter)", persistent=True)
+        assert r.stdout == "42\n"
+        r = c.run("print('counter' in globals())")  # not persistent: a fresh __main__
+        assert r.stdout == "False\n"
+        r = c.run("1 / 0", persistent=True)
+        assert r.exit_code == 1 and "ZeroDivisionError" in r.stderr
+        assert c.run("print(counter)", persistent=True).stdout == "42\n"  # errors keep state
+
+
+@CONTAINER
+def test_a_timeout_interrupts_the_persistent_interpreter_without_losing_its_state():
+    with Container() as c:
+        c.run("kept = 'yes'", persistent=True)
+        r = c.run("import time\ntime.sleep(20)", persistent=True, timeout=0.5)
+        assert r.timed_out and "KeyboardInterrupt" in r.stderr
+        assert c.run("print(kept)", persistent=True).stdout == "yes\n"
+
+
+@CONTAINER
+@pytest.mark.needs("cgroups")
+def test_an_oom_in_the_persistent_interpreter_is_reported_and_it_starts_afresh():
+    with Container(memory="64M") as c:
+        c.run("kept = 1", persistent=True)
+        r = c.run("x = bytearray(200 << 20)", persistent=True)
+        assert r.oom_killed and "variables are lost" in r.stderr
+        assert c.run("print('kept' in globals())", persistent=True).stdout == "False\n"
+
+
+@CONTAINER
+def test_variables_go_in_and_come_back_pickled():
+    np = pytest.importorskip("numpy")
+    r = pynsbook.run("doubled = data * 2\nf = lambda: 1", inputs={"data": np.arange(4)},
+                     outputs=["doubled", "f", "missing"])
+    assert r.outputs["doubled"].tolist() == [0, 2, 4, 6]
+    assert "cannot be pickled" in r.output_errors["f"]
+    assert r.output_errors["missing"] == "not defined"
+
+
+def test_a_variable_that_cannot_be_pickled_is_refused_before_starting():
+    import threading as th
+    with pytest.raises(pynsbook.OptionError, match="invalid value 'lock' for -i"):
+        pynsbook.run("pass", inputs={"lock": th.Lock()})

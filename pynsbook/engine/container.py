@@ -18,7 +18,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .. import cgroups
-from ..errors import (ContainerError, ContainerNotFound, ContainerStateError, PynsbookError,
+from ..errors import (ContainerError, ContainerNotFound, ContainerStateError, OptionError, PynsbookError,
                       UnsupportedError, error_from_dict)
 from ..linux.ids import write_id_maps
 from ..linux.mountinfo import read_mountinfo
@@ -90,10 +90,11 @@ def _create_cgroup(name: str) -> cgroups.Cgroup:
 
 
 class _Job:
-    """One process a container runs, as the client tracks it."""
+    """One process a container runs (or one request to its persistent interpreter)."""
 
-    def __init__(self, rid: str) -> None:
+    def __init__(self, rid: str, signal_rid: Optional[str] = None) -> None:
         self.rid = rid
+        self.signal_rid = signal_rid or rid  # whom to signal: the persistent interpreter
         self.started = threading.Event()
         self.exited = threading.Event()
         self.pid: Optional[int] = None
@@ -131,6 +132,7 @@ class Container:
         self._dead = threading.Event()
         self._stopped = False
         self._sampler: Optional["Sampler"] = None
+        self._repl: Optional[_Repl] = None
         self.started_at: Optional[float] = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -369,9 +371,18 @@ class Container:
 
     # -- running ---------------------------------------------------------------------------
 
-    def run(self, code: str, **kwargs: Any) -> RunResult:
-        """Run Python source in the container (in a fresh ``__main__``)."""
-        return self._execute(None, code, **kwargs)
+    def run(self, code: str, *, inputs: Optional[Dict[str, Any]] = None,
+            outputs: Optional[Sequence[str]] = None, persistent: bool = False,
+            **kwargs: Any) -> RunResult:
+        """Run Python source in the container.
+
+        ``inputs`` are pickled into the code's globals first; the variables named in
+        ``outputs`` are pickled back into ``RunResult.outputs``. With ``persistent`` the code
+        runs in one long-lived interpreter of this container, so globals survive between
+        runs (as cells of a notebook do); otherwise each run gets a fresh ``__main__``.
+        """
+        return self._execute(None, code, inputs=inputs, outputs=list(outputs or ()),
+                             persistent=persistent, **kwargs)
 
     def exec(self, argv: Union[Sequence[str], str], **kwargs: Any) -> RunResult:
         """Run a command in the container: a list of arguments, or a string for ``/bin/sh -c``."""
@@ -394,35 +405,93 @@ class Container:
         env.update(extra or {})
         return env
 
+    def _base_msg(self, env: Optional[Dict[str, str]], workdir: Optional[str]) -> Dict[str, Any]:
+        assert self.plan is not None
+        msg: Dict[str, Any] = {"op": "exec", "env": self._env(env),
+                               "workdir": workdir or self.spec.workdir or
+                               (os.getcwd() if self.spec.rootfs is None else "/")}
+        fb = self.plan.fallback_limits
+        if "pids" in fb:
+            msg["rlimits"] = {"nproc": fb["pids"]}
+        if "cpuset" in fb:
+            msg["cpus_affinity"] = _cpu_list(fb["cpuset"])
+        return msg
+
+    def _start_repl(self) -> "_Repl":
+        """Start this container's persistent Python process."""
+        rid = str(next(self._ids))
+        job = self._jobs[rid] = _Job(rid)
+        ours, theirs = protocol.pair()
+        null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        msg = self._base_msg(None, None)
+        msg.update(id=rid, repl=True, fds={"stdin": 0, "stdout": 1, "stderr": 2, "repl": 3})
+        try:
+            self._send(msg, [null, null, null, theirs.fileno()])
+        finally:
+            os.close(null)
+            theirs.close()
+        self._repl = _Repl(job, ours)
+        return self._repl
+
     def _execute(self, argv: Optional[List[str]], code: Optional[str], *,
                  on_stdout: Optional[Callback] = None, on_stderr: Optional[Callback] = None,
                  timeout: Optional[float] = None, stdin: Optional[bytes] = None,
                  env: Optional[Dict[str, str]] = None, workdir: Optional[str] = None,
+                 inputs: Optional[Dict[str, Any]] = None, outputs: Sequence[str] = (),
+                 persistent: bool = False,
                  on_start: Optional[Callable[["Container", str], None]] = None) -> RunResult:
         if not self.running:
             raise ContainerStateError(f"container {self.name!r} is not running"
                                       + (" (start it first)" if self._shim is None else ""))
         assert self.plan is not None
         timeout = timeout if timeout is not None else self.spec.timeout
+        payload_inputs = _pickle_inputs(inputs) if inputs else None
+        repl = None
+        if persistent:
+            if code is None:
+                raise ValueError("persistent runs take Python code, not a command")
+            repl = self._repl if self._repl and self._repl.alive else self._start_repl()
+            repl.lock.acquire()
+        try:
+            return self._execute_locked(argv, code, on_stdout, on_stderr, timeout, stdin, env,
+                                        workdir, payload_inputs, list(outputs), repl, on_start)
+        finally:
+            if repl:
+                repl.lock.release()
+
+    def _execute_locked(self, argv: Optional[List[str]], code: Optional[str],
+                        on_stdout: Optional[Callback], on_stderr: Optional[Callback],
+                        timeout: Optional[float], stdin: Optional[bytes],
+                        env: Optional[Dict[str, str]], workdir: Optional[str],
+                        payload_inputs: Optional[bytes], outputs: List[str],
+                        repl: Optional["_Repl"], on_start: Any) -> RunResult:
+        assert self.plan is not None
         rid = str(next(self._ids))
-        job = self._jobs[rid] = _Job(rid)
+        job = _Job(rid, signal_rid=repl.job.rid if repl else rid)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        msg: Dict[str, Any] = {"op": "exec", "id": rid, "env": self._env(env),
-                               "workdir": workdir or self.spec.workdir or
-                               (os.getcwd() if self.spec.rootfs is None else "/")}
         fds = [in_r, out_w, err_w]
+        roles = {"stdin": 0, "stdout": 1, "stderr": 2}
+        out_fd = None
         if code is not None:
-            msg["python"] = True
+            roles["code"] = len(fds)
             fds.append(protocol.payload_fd(code.encode("utf-8")))
+            if payload_inputs is not None:
+                roles["inputs"] = len(fds)
+                fds.append(protocol.payload_fd(payload_inputs))
+            if outputs:
+                out_fd = os.memfd_create("pynsbook-outputs", os.MFD_CLOEXEC)
+                roles["outputs"] = len(fds)
+                fds.append(os.dup(out_fd))
+        msg = {"id": rid, "fds": roles, "outputs": outputs}
+        if repl is None:
+            msg.update(self._base_msg(env, workdir))
+            msg.update(python=True) if code is not None else msg.update(argv=argv)
+            self._jobs[rid] = job
         else:
-            msg["argv"] = argv
+            repl.current = job
         fb = self.plan.fallback_limits
-        if "pids" in fb:
-            msg["rlimits"] = {"nproc": fb["pids"]}
-        if "cpuset" in fb:
-            msg["cpus_affinity"] = _cpu_list(fb["cpuset"])
         before = self.cgroup.stats() if self.cgroup else None
         if self.cgroup:
             self.cgroup.start_peak_window()
@@ -432,7 +501,10 @@ class Container:
             sampler = self._sampler = Sampler(self.init_pid or 0, fb.get("memory"))
         t0 = time.monotonic()
         try:
-            self._send(msg, fds)
+            if repl is None:
+                self._send(msg, fds)
+            else:
+                protocol.send(repl.sock, msg, fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -457,11 +529,24 @@ class Container:
             if sampler:
                 sampler.stop()
         result.wall_time = time.monotonic() - t0
+        if repl is not None and job.code is None:
+            # the persistent interpreter itself died (OOM, a signal, os._exit): its state is lost
+            repl.job.exited.wait(2)
+            job.code, job.signal, job.rusage = repl.job.code, repl.job.signal, repl.job.rusage
+            if job.code is not None:
+                note = ("pynsbook: the container's Python process ended "
+                        f"({'signal ' + str(job.signal) if job.signal else 'status ' + str(job.code)}); "
+                        "its variables are lost and the next run starts afresh\n")
+                result.stderr += note
+                if on_stderr:
+                    on_stderr(note)
         if job.code is None:  # the init itself is gone: the container is broken, not the code
             raise self._died_early()
         result.exit_code = job.code
         result.signal = job.signal
         self._account(result, job, before, sampler)
+        if out_fd is not None:
+            _read_outputs(out_fd, result)
         return result
 
     def _pump(self, job: _Job, out_r: int, err_r: int, result: RunResult,
@@ -487,7 +572,10 @@ class Container:
                     break  # a background grandchild holds the pipes open: stop reading
                 if timeout is not None and not result.timed_out and now - t0 > timeout and not job.exited.is_set():
                     result.timed_out = True
-                    self._signal_job(job, signal.SIGTERM)
+                    result.limits["timeout"] = timeout
+                    # a persistent interpreter gets a KeyboardInterrupt, so it keeps its state
+                    persistent = job.signal_rid != job.rid
+                    self._signal_job(job, signal.SIGINT if persistent else signal.SIGTERM)
                     kill_at = now + _STOP_GRACE
                 if kill_at is not None and now > kill_at and not job.exited.is_set():
                     self._signal_job(job, signal.SIGKILL)
@@ -522,7 +610,7 @@ class Container:
 
     def _signal_job(self, job: _Job, sig: int) -> None:
         try:
-            self._send({"op": "signal", "id": job.rid, "sig": int(sig)})
+            self._send({"op": "signal", "id": job.signal_rid, "sig": int(sig)})
         except OSError:
             pass
 
@@ -551,6 +639,62 @@ class Container:
                 result.peak_memory = max(sampler.peak, int(job.rusage.get("maxrss", 0)))
             if sampler.killed:
                 result.oom_killed = True
+
+
+class _Repl:
+    """The client's end of a container's persistent Python process."""
+
+    def __init__(self, job: _Job, sock: Any) -> None:
+        self.job = job
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.current: Optional[_Job] = None
+        self.alive = True
+        threading.Thread(target=self._read, daemon=True, name="pynsbook-repl").start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg, fds = protocol.recv(self.sock)
+            except OSError:
+                msg, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                break
+            if self.current is not None and self.current.rid == str(msg.get("id")):
+                self.current.code = msg["status"]
+                self.current.started.set()
+                self.current.exited.set()
+        self.alive = False
+        self.sock.close()
+        if self.current is not None:
+            self.current.exited.set()
+
+
+def _pickle_inputs(inputs: Dict[str, Any]) -> bytes:
+    import pickle
+    for name, value in inputs.items():
+        try:
+            pickle.dumps(value)
+        except Exception as err:
+            raise OptionError("-i", name, f"a variable that can be pickled ({type(err).__name__}: {err})") from None
+    return pickle.dumps(dict(inputs))
+
+
+def _read_outputs(fd: int, result: RunResult) -> None:
+    import pickle
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0) if size else b""
+    finally:
+        os.close(fd)
+    if not data:
+        result.output_errors = {"*": "the code did not finish, so no variables came back"}
+        return
+    sent = pickle.loads(data)
+    result.outputs = sent["values"]
+    result.output_errors = sent["problems"]
 
 
 def _feed(fd: int, data: bytes) -> None:
@@ -584,13 +728,19 @@ def _stop_all() -> None:
 
 def run(code_or_argv: Union[str, Sequence[str]], *, on_stdout: Optional[Callback] = None,
         on_stderr: Optional[Callback] = None, stdin: Optional[bytes] = None,
+        inputs: Optional[Dict[str, Any]] = None, outputs: Optional[Sequence[str]] = None,
         **options: Any) -> RunResult:
     """Run Python source (a str) or a command (a list) in a new container, then remove it.
 
     Options are the keywords of the option table (``memory="64M"``, ``cpus=0.5``,
-    ``pids=32``, ``namespaces=[...]``, ``timeout=10``, ...).
+    ``pids=32``, ``namespaces=[...]``, ``timeout=10``, ...). For Python source, ``inputs``
+    are pickled into its globals and the variables named in ``outputs`` come back in
+    ``RunResult.outputs``.
     """
     with Container(**options) as c:
         if isinstance(code_or_argv, str):
-            return c.run(code_or_argv, on_stdout=on_stdout, on_stderr=on_stderr, stdin=stdin)
+            return c.run(code_or_argv, on_stdout=on_stdout, on_stderr=on_stderr, stdin=stdin,
+                         inputs=inputs, outputs=outputs)
+        if inputs or outputs:
+            raise ValueError("inputs and outputs work with Python code, not with a command")
         return c.exec(list(code_or_argv), on_stdout=on_stdout, on_stderr=on_stderr, stdin=stdin)
