@@ -134,6 +134,11 @@ class Container:
         self._sampler: Optional["Sampler"] = None
         self._repl: Optional[_Repl] = None
         self.started_at: Optional[float] = None
+        #: the root filesystem's layers, top first (None: the host's files under overlays)
+        self.lowers: Optional[List[str]] = [spec.rootfs] if spec.rootfs else None
+        #: a host directory for the container layer (upper/ and work/), when it must be
+        #: read from outside (diff, commit); None: a throwaway tmpfs inside the container
+        self.upper_dir: Optional[str] = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -179,7 +184,8 @@ class Container:
             "cgroup_procs": list(self.cgroup.procs_files) if self.cgroup else [],
             "cgroup_dirs": [os.path.dirname(p) for p in self.cgroup.procs_files] if self.cgroup else [],
             "hostname": self.spec.hostname or self.name,
-            "rootfs": self.spec.rootfs,
+            "lowers": self.lowers,
+            "upper": self.upper_dir,
             "uptime": self.spec.uptime,
             "cgroup_mounts": _cgroup_mounts() if "cgroup" in ns else [],
         }

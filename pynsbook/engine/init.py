@@ -45,7 +45,8 @@ def setup(cfg: Dict[str, Any]) -> None:
         netns.loopback_up()
     if "mnt" in ns:
         from ..linux.rootfs import RootBuilder
-        RootBuilder(cfg.get("rootfs"), sorted(ns), cfg.get("cgroup_mounts") or []).build()
+        RootBuilder(cfg.get("lowers"), sorted(ns), cfg.get("cgroup_mounts") or [],
+                    cfg.get("upper")).build()
 
 
 class Init:

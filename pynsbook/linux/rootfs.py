@@ -3,7 +3,10 @@
 Two shapes:
 - host view (no rootfs given): the host's filesystems, each under an overlay whose upper
   layer is a throwaway tmpfs, so the container may write anywhere and nothing reaches the host;
-- ``rootfs=DIR``: DIR as the overlay's lower layer, so DIR itself is never modified.
+- a root made of layers (``rootfs=DIR``, or an image's layers): the layers are the
+  overlay's lower directories, so they are never modified; the upper directory (the
+  container layer) is a throwaway tmpfs, or a host directory the client gave, so that the
+  container's changes can be listed (diff) and kept (commit).
 Both get a fresh /proc, /sys, /dev, /tmp and /run. Every step runs after the mount namespace
 was made ``rprivate``, so no mount propagates back to the host.
 """
@@ -54,9 +57,10 @@ def bind_readonly(source: str, target: str, recursive: bool = True) -> None:
 class RootBuilder:
     """Builds the new root under SCRATCH/root. One instance per container init."""
 
-    def __init__(self, rootfs: Optional[str], namespaces: Sequence[str],
-                 cgroup_mounts: Sequence[Dict[str, str]]) -> None:
-        self.rootfs = rootfs
+    def __init__(self, lowers: Optional[Sequence[str]], namespaces: Sequence[str],
+                 cgroup_mounts: Sequence[Dict[str, str]], upper: Optional[str] = None) -> None:
+        self.lowers = list(lowers or [])  # top layer first, as overlayfs's lowerdir lists them
+        self.upper = upper
         self.ns = set(namespaces)
         self.cgroup_mounts = cgroup_mounts
         self.root = os.path.join(SCRATCH, "root")
@@ -65,12 +69,15 @@ class RootBuilder:
 
     # -- layers --------------------------------------------------------------------------
 
-    def _overlay(self, lower: str, target: str) -> None:
+    def _overlay(self, lower: str, target: str, upper_base: Optional[str] = None) -> None:
         self._layers += 1
-        upper = os.path.join(SCRATCH, f"upper{self._layers}")
-        work = os.path.join(SCRATCH, f"work{self._layers}")
-        os.mkdir(upper)
-        os.mkdir(work)
+        if upper_base:
+            upper, work = os.path.join(upper_base, "upper"), os.path.join(upper_base, "work")
+        else:
+            upper = os.path.join(SCRATCH, f"upper{self._layers}")
+            work = os.path.join(SCRATCH, f"work{self._layers}")
+        os.makedirs(upper, exist_ok=True)
+        os.makedirs(work, exist_ok=True)
         # in a user namespace overlayfs may only use user.* xattrs (trusted.* needs host root)
         extra = ",userxattr" if self.userns else ""
         libc.mount("overlay", target, "overlay", 0,
@@ -189,20 +196,23 @@ class RootBuilder:
 
     def build(self) -> None:
         libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-        mountpoints = sorted({m.mountpoint for m in read_mountinfo()
-                              if m.fstype not in _PSEUDO or m.mountpoint == "/"})
-        lower_fd = os.open(self.rootfs, os.O_RDONLY | os.O_DIRECTORY) if self.rootfs else -1
+        mountpoints = [] if self.lowers else sorted(
+            {m.mountpoint for m in read_mountinfo() if m.fstype not in _PSEUDO or m.mountpoint == "/"})
+        # open the layers before /tmp is covered: they may live under it
+        lower_fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in self.lowers]
+        upper_fd = os.open(self.upper, os.O_RDONLY | os.O_DIRECTORY) if self.upper else -1
         try:
             libc.mount("tmpfs", SCRATCH, "tmpfs", _NOSUID_NODEV, "mode=0755")
             os.mkdir(self.root)
-            if self.rootfs:
-                self._overlay(f"/proc/self/fd/{lower_fd}", self.root)
+            if lower_fds:
+                self._overlay(":".join(f"/proc/self/fd/{fd}" for fd in lower_fds), self.root,
+                              f"/proc/self/fd/{upper_fd}" if upper_fd >= 0 else None)
             else:
                 libc.mount(self.root, self.root, None, libc.MS_BIND)  # pivot_root wants a mount
                 self._mirror("/", self.root, mountpoints)
         finally:
-            if lower_fd >= 0:
-                os.close(lower_fd)
+            for fd in lower_fds + ([upper_fd] if upper_fd >= 0 else []):
+                os.close(fd)
         for d in ("proc", "sys", "dev", "tmp", "run"):
             _mkdirs(os.path.join(self.root, d))
         self._proc()
