@@ -206,3 +206,18 @@ def test_a_variable_that_cannot_be_pickled_is_refused_before_starting():
     import threading as th
     with pytest.raises(pynsbook.OptionError, match="invalid value 'lock' for -i"):
         pynsbook.run("pass", inputs={"lock": th.Lock()})
+
+
+@CONTAINER
+def test_init_forwards_a_signal_from_the_host_to_the_containers_processes():
+    with Container() as c:
+        got = []
+        code = ("import signal, sys, time\n"
+                "signal.signal(signal.SIGUSR1, lambda *a: (print('got USR1', flush=True), sys.exit(7)))\n"
+                "time.sleep(20)")
+        t = threading.Thread(target=lambda: got.append(c.run(code)))
+        t.start()
+        time.sleep(0.5)
+        os.kill(c.init_pid, signal.SIGUSR1)  # as `kill -USR1 <init>` from the host would
+        t.join(10)
+        assert got and got[0].exit_code == 7 and "got USR1" in got[0].stdout

@@ -113,3 +113,66 @@ def test_timeout_stops_the_run_and_says_so():
     assert r.timed_out and not r.ok
     assert r.wall_time < 5
     assert r.describe() == "killed: timed out after 0.5 s"
+
+
+def _root_block_device() -> str:
+    import os
+    st = os.stat("/usr/bin")
+    return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+
+
+def test_io_read_limit_throttles_direct_reads_from_the_disk():
+    import os
+    from pynsbook import cgroups
+    if "io" not in cgroups.backend().controllers():
+        pytest.skip("no io controller")
+    device = _root_block_device()
+    if not os.path.exists(f"/sys/dev/block/{device}"):
+        pytest.skip(f"the root filesystem is not on a block device ({device})")
+    big = max((os.path.join("/usr/bin", f) for f in os.listdir("/usr/bin")),
+              key=lambda p: os.path.getsize(p) if os.path.isfile(p) and not os.path.islink(p) else 0)
+    size = os.path.getsize(big)
+    if size < 4 << 20:
+        pytest.skip("no file of 4 MiB or more under /usr/bin to read")
+    # O_DIRECT bypasses the page cache, so every byte comes from the device and is throttled
+    code = ("import os, mmap, time\n"
+            f"fd = os.open({big!r}, os.O_RDONLY | os.O_DIRECT)\n"
+            "buf = mmap.mmap(-1, 1 << 20)\n"
+            "t = time.monotonic(); n = 0\n"
+            "while True:\n"
+            "    got = os.readv(fd, [buf])\n"
+            "    n += got\n"
+            "    if got < len(buf) or n >= 4 << 20: break\n"
+            "print(n, time.monotonic() - t)")
+    r = pynsbook.run(code, io_read_bps=f"{device}:1M")
+    n, seconds = r.stdout.split()
+    rate = int(n) / float(seconds)
+    assert rate < 1.6 * (1 << 20), f"{int(n) >> 20} MiB in {float(seconds):.2f} s"
+
+
+def test_swap_limit_is_written_with_the_memory_limit():
+    from pynsbook import cgroups
+    if not cgroups.backend().can_swap():
+        pytest.skip("swap is not accounted per cgroup here")
+    with Container(memory="64M", swap="32M") as c:
+        s = c.stats()
+        assert (s.memory_limit, s.swap_limit) == (64 << 20, 32 << 20)
+    with Container(memory="64M") as c:
+        assert c.stats().swap_limit == 0  # --mem alone means no swap: OOM is predictable
+
+
+def test_freeze_stops_the_container_until_thawed():
+    import threading
+    with Container() as c:
+        out = []
+        t = threading.Thread(target=lambda: out.append(c.run(
+            "import time\nfor i in range(6):\n    print(i, flush=True)\n    time.sleep(0.1)")))
+        t.start()
+        time.sleep(0.15)
+        c.freeze()
+        assert c.stats().frozen
+        time.sleep(0.6)
+        assert t.is_alive()  # frozen: it cannot finish
+        c.thaw()
+        t.join(10)
+        assert out and out[0].stdout.split() == ["0", "1", "2", "3", "4", "5"]

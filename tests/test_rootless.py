@@ -59,3 +59,29 @@ print(json.dumps({"oom": big.oom_killed, "enf": big.enforcement, "dropped": big.
     assert out["oom"] is True
     assert out["small_ok"] is True
     assert out["peak"] >= 8 << 20
+
+
+@pytest.mark.needs("userns")
+def test_best_effort_pids_limit_holds_a_fork_bomb_through_rlimit_nproc():
+    from pynsbook import cgroups
+    if "pids" in cgroups.backend().controllers() and cgroups.mode() == "v2":
+        pytest.skip("the user has a pids controller here")
+    out = helpers.json_as_user("""
+import json, pynsbook
+code = '''
+import os, time
+n = 0
+for _ in range(100):
+    try:
+        if os.fork() == 0:
+            time.sleep(2); os._exit(0)
+        n += 1
+    except BlockingIOError:
+        break
+print(n)
+'''
+r = pynsbook.run(code, pids=16, best_effort=True)
+print(json.dumps({"forked": int(r.stdout.split()[-1]), "limits": r.limits}))
+""")
+    assert out["limits"]["pids"] == 16
+    assert out["forked"] < 16
