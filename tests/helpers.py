@@ -35,8 +35,10 @@ def our_cgroup_dirs() -> List[str]:
 
 
 def snapshot() -> Dict[str, Any]:
+    from pynsbook.engine import spawn
     me = psutil.Process()
-    return {"children": {p.pid for p in me.children(recursive=True)},
+    launcher = spawn.launcher_pid()  # lives as long as this process, by design
+    return {"children": {p.pid for p in me.children(recursive=True) if p.pid != launcher},
             "mounts": _mounts(), "cgroups": set(our_cgroup_dirs())}
 
 

@@ -108,7 +108,8 @@ def test_nothing_is_left_after_oom_timeout_failure_and_bad_input():
 KILLED_PARENT = textwrap.dedent("""
     import sys, time, pynsbook
     c = pynsbook.Container(memory="64M").start()
-    print(c.init_pid, c.cgroup.path if c.cgroup else "", flush=True)
+    from pynsbook.engine import spawn
+    print(c.init_pid, spawn.launcher_pid() or 0, c.cgroup.path if c.cgroup else "", flush=True)
     c.exec(["sleep", "300"])
 """)
 
@@ -118,8 +119,8 @@ def test_a_sigkilled_parent_leaves_nothing_after_the_next_start():
     env = dict(os.environ, PYTHONPATH=helpers.REPO)
     parent = subprocess.Popen([sys.executable, "-c", KILLED_PARENT], stdout=subprocess.PIPE,
                               text=True, env=env)
-    init_pid, cgroup_path = (parent.stdout.readline().split() + [""])[:2]
-    init_pid = int(init_pid)
+    init_pid, launcher_pid, cgroup_path = (parent.stdout.readline().split() + [""])[:3]
+    init_pid, launcher_pid = int(init_pid), int(launcher_pid)
     time.sleep(0.5)
     assert psutil.pid_exists(init_pid)
     parent.send_signal(signal.SIGKILL)
@@ -128,6 +129,9 @@ def test_a_sigkilled_parent_leaves_nothing_after_the_next_start():
     while psutil.pid_exists(init_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not psutil.pid_exists(init_pid), "the container outlived its parent"
+    while launcher_pid and psutil.pid_exists(launcher_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (launcher_pid and psutil.pid_exists(launcher_pid)), "the launcher outlived its client"
     # the next start (another process) reaps whatever is left of the dead session
     subprocess.run([sys.executable, "-c", "import pynsbook; pynsbook.run(['true'])"], env=env,
                    check=True)

@@ -24,7 +24,7 @@ from ..linux.ids import write_id_maps
 from ..linux.mountinfo import read_mountinfo
 from ..results import RunResult, Stats
 from ..spec import Spec, make_spec
-from . import protocol
+from . import protocol, spawn
 from .plan import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 
 Callback = Callable[[str], None]
-_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _REGISTRY: "Dict[str, Container]" = {}
 _REGISTRY_LOCK = threading.Lock()
 _reaped = False
@@ -122,7 +121,7 @@ class Container:
         self.name = spec.name or self.id
         self.plan: Optional[Plan] = None
         self.cgroup: Optional[cgroups.Cgroup] = None
-        self._shim: Optional[subprocess.Popen] = None
+        self._shim: Optional[spawn.Shim] = None
         self._sock = None
         self.init_pid: Optional[int] = None
         self._jobs: Dict[str, _Job] = {}
@@ -157,6 +156,9 @@ class Container:
         _reap_stale_once()
         self.plan = plan = make_plan(self.spec)
         try:
+            if self.spec.image:  # its layers, and a container layer in the image store
+                from .. import images
+                images.attach(self)
             if plan.use_cgroup:
                 self.cgroup = _create_cgroup(f"{self.name}-{self.id[:6]}" if self.spec.name else self.id)
                 try:
@@ -192,17 +194,14 @@ class Container:
 
     def _launch(self, plan: Plan) -> None:
         client, child = protocol.pair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        cfg = self._config(plan)
         try:
-            self._shim = subprocess.Popen(
-                [sys.executable, "-m", "pynsbook.engine.shim", str(child.fileno())],
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, env=env, start_new_session=True, cwd="/")
+            self._shim = spawn.start_shim(cfg, child)
         finally:
             child.close()
         self._sock = client
-        protocol.send(client, self._config(plan))
+        if isinstance(self._shim, spawn.PopenShim):
+            protocol.send(client, cfg)  # the slow path reads its configuration first
         while True:
             msg, fds = protocol.recv(client)
             for fd in fds:
@@ -227,11 +226,11 @@ class Container:
     def _died_early(self) -> PynsbookError:
         assert self._shim is not None
         try:
-            _, err = self._shim.communicate(timeout=5)
+            self._shim.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self._shim.kill()
-            _, err = self._shim.communicate()
-        text = (err or b"").decode(errors="replace").strip().splitlines()
+            self._shim.wait(timeout=5)
+        text = self._shim.stderr_text().strip().splitlines()
         last = text[-1] if text else f"exit status {self._shim.returncode}"
         return ContainerError(f"the container's init stopped unexpectedly: {last}")
 
@@ -291,9 +290,8 @@ class Container:
                 self._shim.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self._shim.kill()  # by PID: only our own shim
-                self._shim.wait()
-            if self._shim.stderr:
-                self._shim.stderr.close()
+                self._shim.wait(timeout=5)
+            self._shim.close()
         if self._reader is not None:
             self._reader.join(timeout=5)
         if self.cgroup is not None:
@@ -301,6 +299,9 @@ class Container:
                 self.cgroup.remove()
             except OSError:
                 pass
+        if self.spec.image:
+            from .. import images
+            images.release(self)
         with _REGISTRY_LOCK:
             if _REGISTRY.get(self.name) is self:
                 del _REGISTRY[self.name]
@@ -400,7 +401,7 @@ class Container:
 
     def _env(self, extra: Optional[Dict[str, str]]) -> Dict[str, str]:
         path = _PATH
-        if self.spec.rootfs is None:  # the notebook's own tools come first, as outside
+        if self.lowers is None:  # the notebook's own tools come first, as outside
             path = os.path.dirname(sys.executable) + ":" + path
         env = {"PATH": path, "HOME": "/root", "HOSTNAME": self.spec.hostname or self.name,
                "PYTHONUNBUFFERED": "1", "container": "pynsbook"}
@@ -415,7 +416,7 @@ class Container:
         assert self.plan is not None
         msg: Dict[str, Any] = {"op": "exec", "env": self._env(env),
                                "workdir": workdir or self.spec.workdir or
-                               (os.getcwd() if self.spec.rootfs is None else "/")}
+                               (os.getcwd() if self.lowers is None else "/")}
         fb = self.plan.fallback_limits
         if "pids" in fb:
             msg["rlimits"] = {"nproc": fb["pids"]}
@@ -730,6 +731,7 @@ def _stop_all() -> None:
             c.stop(timeout=0.2)
         except BaseException:
             pass
+    spawn.shutdown()
 
 
 def run(code_or_argv: Union[str, Sequence[str]], *, on_stdout: Optional[Callback] = None,

@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
+from ..cgroups.base import kill_pids, procs, rmdir_retry
 from ..errors import ContainerError
 from ..linux import ids, libc
 from . import protocol
@@ -57,7 +58,6 @@ def enter_user_and_pid(sock: socket.socket, cfg: Dict[str, Any]) -> None:
 def remove_cgroups(dirs: List[str]) -> None:
     """The container is over: empty and delete its cgroups, even if the client is gone
     (a killed kernel). Only the directories pynsbook created for this container."""
-    from ..cgroups.base import kill_pids, procs, rmdir_retry
     for d in dirs:
         for _ in range(20):
             pids = procs(d)
@@ -76,11 +76,8 @@ def remove_cgroups(dirs: List[str]) -> None:
             pass
 
 
-def main(fd: int) -> None:
-    sock = socket.socket(fileno=fd)
-    cfg, _ = protocol.recv(sock)
-    if cfg is None:
-        os._exit(125)
+def run_shim(sock: socket.socket, cfg: Dict[str, Any]) -> None:
+    """Everything the shim does once it has its configuration. Never returns."""
     try:
         enter_user_and_pid(sock, cfg)
         pid = os.fork()
@@ -101,6 +98,16 @@ def main(fd: int) -> None:
     remove_cgroups(cfg.get("cgroup_dirs") or [])
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
              else 128 + os.WTERMSIG(status))
+
+
+def main(fd: int) -> None:
+    """Started as its own process (``python -m pynsbook.engine.shim FD``): the slow path,
+    used when the warm launcher is not available."""
+    sock = socket.socket(fileno=fd)
+    cfg, _ = protocol.recv(sock)
+    if cfg is None:
+        os._exit(125)
+    run_shim(sock, cfg)
 
 
 if __name__ == "__main__":
