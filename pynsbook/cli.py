@@ -40,6 +40,7 @@ def _doctor_parser(sub: "argparse._SubParsersAction") -> None:
 SUBCOMMANDS: Dict[str, str] = {
     "run": "",
     "doctor": "",
+    "bench": ".bench.cli",
 }
 _LOCAL = {"run": (_run_parser, lambda a: _cmd_run(a)), "doctor": (_doctor_parser, lambda a: _cmd_doctor(a))}
 

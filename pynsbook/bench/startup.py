@@ -1,0 +1,130 @@
+"""``pynsbook bench startup``: time every subject, print pynsbook next to its peers, and
+the ratios of issue 7 — honestly, pass or fail.
+
+Issue-7 goals (all numbers from the same run):
+- pynsbook, a *new* container running the Python cell ``pass`` (five namespaces, memory,
+  CPU and pids limits), request to result, at most 0.35x ``crun run`` of ``/bin/true``;
+- the same within 1.5x of the floor: fork + unshare(pid,mnt,uts,ipc,net) + fork + mount
+  ``/proc`` inside an already running Python.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from .harness import BenchRun, measure
+from .subjects import startup_subjects
+
+#: (reference, goal) — ratio = median(candidate) / median(reference)
+GOALS = [("crun", 0.35), ("floor", 1.5)]
+#: pynsbook subjects judged against the goals: a *new* container running Python `pass`.
+#: A subject registered later (the warm launcher of issue 7) appends its name here.
+GOAL_CANDIDATES: List[str] = ["pynsbook-cold-pass"]
+PEERS = ["unshare", "bwrap", "crun", "runc", "microvm"]
+
+
+def run_startup(subjects: Optional[str] = None, *, repeat: int = 20, warmup: int = 2,
+                kernel_path: Optional[str] = None, show_progress: bool = True) -> BenchRun:
+    subs = startup_subjects(subjects, kernel_path)
+    run = measure(subs, kind="startup", repeat=repeat, warmup=warmup,
+                  show_progress=show_progress)
+    run.config["subjects"] = [s.name for s in subs]
+    run.data["goals"] = goal_ratios(run)
+    run.data["peers"] = peer_ratios(run)
+    vm = run.get("microvm")
+    if vm is not None and vm.meta.get("accel"):
+        run.env["vm_accel"] = vm.meta["accel"]
+    return run
+
+
+def goal_ratios(run: BenchRun) -> List[Dict[str, Any]]:
+    out = []
+    for ours in GOAL_CANDIDATES:
+        if run.get(ours) is None and ours != "pynsbook-cold-pass":
+            continue  # a registered candidate that was not part of this run
+        for base, goal in GOALS:
+            a, b = run.median(ours), run.median(base)
+            entry: Dict[str, Any] = {"subject": ours, "reference": base, "goal": goal,
+                                     "what": f"{_label(run, ours)} vs {_label(run, base)}"}
+            if a is None or b is None:
+                missing = [n for n, v in ((ours, a), (base, b)) if v is None]
+                entry.update(ratio=None, met=None,
+                             why=f"not measured in this run: {', '.join(missing)}"
+                             + _reason(run, missing))
+            else:
+                entry.update(ours_s=a, reference_s=b, ratio=a / b, met=a / b <= goal)
+            out.append(entry)
+    return out
+
+
+def peer_ratios(run: BenchRun) -> List[Dict[str, Any]]:
+    ours = [r for r in run.results if r.group == "pynsbook" and r.status == "ok"]
+    out = []
+    for peer in PEERS:
+        p = run.median(peer)
+        if p is None:
+            continue
+        for r in ours:
+            out.append({"subject": r.name, "peer": peer, "ratio": r.median / p})  # type: ignore[operator]
+    return out
+
+
+def _label(run: BenchRun, name: str) -> str:
+    r = run.get(name)
+    return r.label if r else name
+
+
+def _reason(run: BenchRun, names: List[str]) -> str:
+    bits = []
+    for n in names:
+        r = run.get(n)
+        if r is not None and r.reason:
+            bits.append(f"{n}: {r.reason}")
+    return f" ({'; '.join(bits)})" if bits else ""
+
+
+def fmt_time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 0.01:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def format_startup(run: BenchRun) -> str:
+    """The text ``pynsbook bench startup`` prints."""
+    env = run.env
+    lines = [f"startup: median of {run.config.get('repeat')} runs after {run.config.get('warmup')} "
+             f"warm-up, interleaved; {env.get('kernel')}, {env.get('cpus')} CPUs, "
+             f"cgroup {env.get('cgroup_mode')}, load {env.get('loadavg_start')}",
+             f"{'subject':<58} {'median':>9} {'IQR':>19} {'95% CI of median':>21} {'n':>3}"]
+    for r in run.results:
+        s = r.summary
+        if r.status != "ok" or s is None:
+            continue
+        iqr = f"{fmt_time(s.q1)}-{fmt_time(s.q3)}"
+        ci = f"{fmt_time(s.ci_low)}-{fmt_time(s.ci_high)}"
+        lines.append(f"{r.label[:58]:<58} {fmt_time(s.median):>9} {iqr:>19} {ci:>21} {s.n:>3}")
+    for r in run.results:
+        if r.status != "ok":
+            lines.append(f"{r.status}: {r.name} — {r.reason}")
+    ours = [r for r in run.results if r.group == "pynsbook" and r.status == "ok"]
+    peers = [p for p in PEERS if run.median(p) is not None]
+    if ours and peers:
+        lines.append("")
+        lines.append("pynsbook next to its peers (median, same run; ratio = pynsbook / peer):")
+        for r in ours:
+            parts = [f"{p} {fmt_time(run.median(p))} ({r.median / run.median(p):.2f}x)"  # type: ignore[operator]
+                     for p in peers]
+            lines.append(f"  {r.name} {fmt_time(r.median)}: " + ", ".join(parts))
+    lines.append("")
+    lines.append("issue 7 goals (ratios from this run):")
+    for g in run.data.get("goals", []):
+        if g.get("ratio") is None:
+            lines.append(f"  {g['subject']} / {g['reference']}: not measured — {g.get('why')}")
+            continue
+        verdict = "MET" if g["met"] else "NOT MET"
+        lines.append(f"  {g['subject']} / {g['reference']} = {fmt_time(g['ours_s'])} / "
+                     f"{fmt_time(g['reference_s'])} = {g['ratio']:.2f}x  (goal <= {g['goal']}x)  {verdict}")
+    return "\n".join(lines)
