@@ -40,6 +40,7 @@ def _doctor_parser(sub: "argparse._SubParsersAction") -> None:
 SUBCOMMANDS: Dict[str, str] = {
     "run": "",
     "doctor": "",
+    "images": ".images.cli",
     "bench": ".bench.cli",
 }
 _LOCAL = {"run": (_run_parser, lambda a: _cmd_run(a)), "doctor": (_doctor_parser, lambda a: _cmd_doctor(a))}
@@ -73,6 +74,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     command: List[str] = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    if not command and getattr(args, "image", None):  # the image's default command
+        from .images import get
+        command = list(get(args.image).config.cmd)
     if not command:
         raise _Usage("run needs a command after --, like: pynsbook run --mem 64M -- python3 -c 'print(1)'")
     spec = spec_mod.spec_from_args(args)

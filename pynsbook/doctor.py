@@ -116,6 +116,8 @@ def doctor() -> DoctorReport:
     ok, reason, fix = probe.overlay()
     report.overlay = Check("overlay", ok, "overlayfs: image layers and the throwaway container "
                            "layer", reason, fix)
+    from .images import doctor_note  # how image roots are mounted here
+    report.notes.append(doctor_note())
     if not have:
         report.notes.append("without cgroups, --mem and --pids work only with --best-effort, "
                             "enforced approximately (sampling and rlimits); --cpus and IO "

@@ -51,6 +51,7 @@ class Spec:
     net: str = "none"
     hostname: Optional[str] = None
     rootfs: Optional[str] = None
+    image: Optional[str] = None
     timeout: Optional[float] = None
     uptime: Optional[float] = None
     env: Tuple[Tuple[str, str], ...] = ()
@@ -339,6 +340,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("rootfs", ("--rootfs",), parse_rootfs,
            "run on this directory as root filesystem (never modified: writes go to a "
            "throwaway layer)", "DIR"),
+    Option("image", ("--image",), parse_name, "run on this image's layers (see pynsbook images ls)", "NAME"),
     Option("timeout", ("--timeout",), lambda v, l: parse_seconds(v, l),
            "stop the container after this many seconds (exit status 124)", "SECONDS"),
     Option("uptime", ("--uptime",), lambda v, l: parse_seconds(v, l, allow_zero=True),
@@ -414,6 +416,9 @@ def _assemble(parsed: Dict[str, Any], base: Spec, cli: bool) -> Spec:
     if "uptime" in parsed and "time" not in ns:
         raise OptionError(label("uptime"), parsed["uptime"],
                           "no uptime unless the time namespace is on (drop --no-ns time)")
+    if (parsed.get("rootfs") or base.rootfs) and (parsed.get("image") or base.image):
+        raise OptionError(label("image"), parsed.get("image") or base.image,
+                          "either --rootfs DIR or --image NAME, not both")
     if "swap" in parsed and "memory" not in parsed and base.memory is None:
         raise OptionError(label("swap"), parsed["swap"], "--swap together with --mem")
     spec = base.replace(namespaces=frozenset(ns), explicit_namespaces=frozenset(explicit),
