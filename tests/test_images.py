@@ -188,6 +188,8 @@ def test_image_tarball_with_whiteouts_and_opaque_dir(store, tmp_path, fmt):
     assert image.config.env["GREETING"] == "hello" and image.config.workdir == "/srv"
     counts = changes.fold_layers([store.diff_dir(d) for d in image.layers])[1]
     assert counts[1]["D"] == 3  # a/gone, and b's old and sub hidden by the opaque b
+    flat = images.materialize("t", str(tmp_path / "flat"))  # the copy fallback agrees
+    assert _listing(flat) == EXPECTED and open(os.path.join(flat, "h")).read() == "in"
 
 
 @pytest.mark.parametrize("bad, why", [

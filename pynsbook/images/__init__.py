@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Store", "Image", "Config", "ImageError", "LayerError", "UnsafeLayer", "Table", "Diff",
            "import_path", "import_dir", "import_busybox", "import_archive", "get", "names",
            "remove", "table", "layers_table", "commit", "diff", "attach", "release", "driver",
-           "disk_usage"]
+           "disk_usage", "materialize"]
 
 
 class _Attached:
@@ -154,6 +154,21 @@ def commit(container: "Container", image: str, message: str = "") -> Image:
         new = Image(name=image, layers=base.layers + ([digest] if has_files else []),
                     config=base.config, created=time.time(), source=by, parent=base.name)
         return st.create_image(new, [(digest, diff_dir)] if has_files else [])
+
+
+def materialize(name: str, dest: str) -> str:
+    """Flatten image ``name`` into the new directory ``dest`` (whiteouts and opaque
+    directories applied): the copy fallback where overlayfs is refused, and a way to look
+    at an image with ordinary tools. Usable as ``--rootfs dest``."""
+    st = Store()
+    image = st.get(name)
+    os.mkdir(dest, 0o755)
+    try:
+        _layers.flatten([st.diff_dir(d) for d in image.layers], dest)
+    except BaseException:
+        _layers.rmtree(dest)
+        raise
+    return dest
 
 
 def table() -> Table:

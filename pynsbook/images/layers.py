@@ -335,3 +335,41 @@ def rmtree(path: str) -> None:
                     pass
     import shutil
     shutil.rmtree(path)
+
+
+def flatten(layer_dirs: List[str], dest: str) -> None:
+    """Apply layer directories (BOTTOM first) onto the empty directory ``dest``, as
+    overlayfs would show them merged: whiteouts delete, opaque directories hide what is
+    below. A plain copy of an image, for hosts where overlayfs is refused."""
+    links: Dict[Tuple[int, int], str] = {}
+    dirs: Dict[str, os.stat_result] = {}
+    for layer in layer_dirs:
+        for rel, full, st in walk(layer):
+            target = os.path.join(dest, rel)
+            try:
+                old: Optional[os.stat_result] = os.lstat(target)
+            except FileNotFoundError:
+                old = None
+            if is_whiteout(st):
+                if old is not None:
+                    rmtree(target) if stat.S_ISDIR(old.st_mode) else os.unlink(target)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if old is not None and stat.S_ISDIR(old.st_mode):
+                    if is_opaque(full):
+                        for name in os.listdir(target):
+                            p = os.path.join(target, name)
+                            rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+                else:
+                    if old is not None:
+                        os.unlink(target)
+                    os.mkdir(target, 0o700)
+                dirs[target] = st
+                continue
+            if old is not None:
+                rmtree(target) if stat.S_ISDIR(old.st_mode) else os.unlink(target)
+            copy_entry(full, st, target, links)
+    for target in sorted(dirs, key=len, reverse=True):
+        if os.path.isdir(target):
+            st = dirs[target]
+            set_attrs(target, st.st_mode, st.st_uid, st.st_gid, st.st_mtime)
