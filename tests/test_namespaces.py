@@ -57,11 +57,19 @@ def test_net_host_shares_the_host_network():
     assert "net" not in r.namespaces
 
 
+# root without a user namespace takes the one-overlay path; with one, an overlay per directory
+SHAPES = [pytest.param({}, id="all-namespaces"),
+          pytest.param({"namespaces": "pid,mnt,uts,ipc,net"}, id="no-userns",
+                       marks=pytest.mark.needs("root"))]
+
+
 @CONTAINER
-def test_writes_to_etc_and_usr_never_reach_the_host(tmp_path):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_writes_to_etc_and_usr_never_reach_the_host(tmp_path, shape):
     marker = f"pynsbook-test-{os.getpid()}"
-    r = pynsbook.run(["sh", "-c", f"echo hi > /etc/{marker} && echo hi > /usr/{marker} && "
-                      f"cat /etc/{marker} /usr/{marker}; rm -f /etc/hostname; echo done"])
+    script = (f"echo hi > /etc/{marker} && echo hi > /usr/{marker} && "
+              f"cat /etc/{marker} /usr/{marker}; rm -f /etc/hostname; echo done")
+    r = pynsbook.run(["sh", "-c", script], **shape)
     assert r.stdout.split() == ["hi", "hi", "done"], r.stderr
     assert not os.path.exists(f"/etc/{marker}") and not os.path.exists(f"/usr/{marker}")
     assert os.path.exists("/etc/hostname")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, FrozenSet, List, Optional
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from ..linux.mountinfo import Mount, cgroup_dir, read_mountinfo, read_proc_cgroup
 from ..results import Stats
@@ -218,6 +218,15 @@ class V1Cgroup(Cgroup):
         if FREEZER in self.dirs:
             s.frozen = read(self._f(FREEZER, "freezer.state")).strip() != "THAWED"
         return s
+
+    def counters(self) -> Tuple[Optional[int], Optional[float], Optional[int]]:
+        oom = read_keyed(self._f(MEMORY, "memory.oom_control")).get("oom_kill", 0) if MEMORY in self.dirs else None
+        usage = read_int(os.path.join(self._cpuacct, "cpuacct.usage")) if self._cpuacct else None
+        hits = read_keyed(self._f(PIDS, "pids.events")).get("max", 0) if PIDS in self.dirs else None
+        return oom, None if usage is None else usage / 1e9, hits
+
+    def peak_memory(self) -> Optional[int]:
+        return read_int(self._f(MEMORY, "memory.max_usage_in_bytes")) if MEMORY in self.dirs else None
 
     def start_peak_window(self) -> None:
         if MEMORY in self.dirs:

@@ -8,7 +8,7 @@ for children of a cgroup that has processes ("no internal processes").
 from __future__ import annotations
 
 import os
-from typing import Dict, FrozenSet, List, Optional
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from ..linux.mountinfo import Mount, cgroup_dir, read_mountinfo, read_proc_cgroup
 from ..results import Stats
@@ -224,6 +224,13 @@ class V2Cgroup(Cgroup):
         s.pids_limit_hits = read_keyed(self._f("pids.events")).get("max", 0) if os.path.exists(self._f("pids.events")) else None
         s.frozen = read_keyed(self._f("cgroup.events")).get("frozen", 0) == 1
         return s
+
+    def counters(self) -> Tuple[Optional[int], Optional[float], Optional[int]]:
+        events = read_keyed(self._f("memory.events"))
+        usage = read_keyed(self._f("cpu.stat")).get("usage_usec")
+        pids = read_keyed(self._f("pids.events"))
+        return (events.get("oom_kill", 0) if events else None,
+                None if usage is None else usage / 1e6, pids.get("max", 0) if pids else None)
 
     def start_peak_window(self) -> None:
         # since Linux 6.12, writing to memory.peak starts a fresh peak seen through that fd

@@ -499,7 +499,7 @@ class Container:
         else:
             repl.current = job
         fb = self.plan.fallback_limits
-        before = self.cgroup.stats() if self.cgroup else None
+        before = self.cgroup.counters() if self.cgroup else None
         if self.cgroup:
             self.cgroup.start_peak_window()
         sampler = None
@@ -628,17 +628,17 @@ class Container:
             if job.exited.wait(_STOP_GRACE):
                 return
 
-    def _account(self, result: RunResult, job: _Job, before: Optional[Stats],
+    def _account(self, result: RunResult, job: _Job, before: Optional[tuple],
                  sampler: Optional["Sampler"]) -> None:
-        if self.cgroup is not None:
-            after = self.cgroup.stats()
-            if after.oom_kills is not None and before is not None:
-                result.oom_killed = (after.oom_kills or 0) > (before.oom_kills or 0)
-            if after.cpu_time is not None and before is not None and before.cpu_time is not None:
-                result.cpu_time = after.cpu_time - before.cpu_time
+        if self.cgroup is not None and before is not None:
+            oom, cpu, hits = self.cgroup.counters()
+            if oom is not None:
+                result.oom_killed = oom > (before[0] or 0)
+            if cpu is not None and before[1] is not None:
+                result.cpu_time = cpu - before[1]
             result.peak_memory = self.cgroup.peak_memory()
-            if after.pids_limit_hits is not None and before is not None:
-                result.pids_limit_hits = (after.pids_limit_hits or 0) - (before.pids_limit_hits or 0)
+            if hits is not None:
+                result.pids_limit_hits = hits - (before[2] or 0)
         if result.cpu_time is None and job.rusage:
             result.cpu_time = job.rusage.get("utime", 0) + job.rusage.get("stime", 0)
         if sampler is not None:

@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Optional
 
 from . import protocol
 
+_RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                  signal.SIGUSR2, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ)
 _RLIMITS = {"nproc": resource.RLIMIT_NPROC, "data": resource.RLIMIT_DATA,
             "as": resource.RLIMIT_AS}
 
@@ -43,11 +45,9 @@ def _close_all_but(keep: List[int]) -> None:
 
 def _prepare(msg: Dict[str, Any], fds: List[int]) -> None:
     signal.set_wakeup_fd(-1)
-    for sig in range(1, signal.NSIG):
-        try:
-            signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
+    # what init handles, and what Python ignores at start-up (a command expects defaults)
+    for sig in _RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     os.setsid()
     _redirect(msg, fds)
     # keep only what this process uses: not the control socket, not init's wakeup pipe

@@ -194,22 +194,44 @@ class RootBuilder:
 
     # -- the whole thing -----------------------------------------------------------------
 
+    def _host_view(self, root_fd: int, mountpoints: Sequence[str]) -> None:
+        """The host's files, writable through throwaway overlays."""
+        if self.userns:
+            libc.mount(self.root, self.root, None, libc.MS_BIND)  # pivot_root wants a mount
+            self._mirror("/", self.root, mountpoints)
+            return
+        # No user namespace: nothing is locked, so one overlay takes all of / (a few
+        # hundred microseconds instead of one overlay per top-level directory); each other
+        # mount gets its own overlay on top, parents before children.
+        self._overlay(f"/proc/self/fd/{root_fd}", self.root)
+        for mp in mountpoints:
+            if mp == "/" or _under(mp, _SKIP_UNDER):
+                continue
+            target = self.root + mp
+            if os.path.isdir(mp) and os.path.isdir(target):
+                self._layer_or_bind(mp, target)
+            elif os.path.isfile(mp) and os.path.exists(target):
+                try:
+                    bind_readonly(mp, target, recursive=False)
+                except OSError:
+                    pass
+
     def build(self) -> None:
         libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
         mountpoints = [] if self.lowers else sorted(
-            {m.mountpoint for m in read_mountinfo() if m.fstype not in _PSEUDO or m.mountpoint == "/"})
+            {m.mountpoint for m in read_mountinfo() if m.fstype not in _PSEUDO or m.mountpoint == "/"},
+            key=lambda p: (p.count("/"), p))
         # open the layers before /tmp is covered: they may live under it
-        lower_fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in self.lowers]
+        lower_fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in self.lowers or ["/"]]
         upper_fd = os.open(self.upper, os.O_RDONLY | os.O_DIRECTORY) if self.upper else -1
         try:
             libc.mount("tmpfs", SCRATCH, "tmpfs", _NOSUID_NODEV, "mode=0755")
             os.mkdir(self.root)
-            if lower_fds:
+            if self.lowers:
                 self._overlay(":".join(f"/proc/self/fd/{fd}" for fd in lower_fds), self.root,
                               f"/proc/self/fd/{upper_fd}" if upper_fd >= 0 else None)
             else:
-                libc.mount(self.root, self.root, None, libc.MS_BIND)  # pivot_root wants a mount
-                self._mirror("/", self.root, mountpoints)
+                self._host_view(lower_fds[0], mountpoints)
         finally:
             for fd in lower_fds + ([upper_fd] if upper_fd >= 0 else []):
                 os.close(fd)
