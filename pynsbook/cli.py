@@ -40,8 +40,9 @@ def _doctor_parser(sub: "argparse._SubParsersAction") -> None:
 SUBCOMMANDS: Dict[str, str] = {
     "run": "",
     "doctor": "",
-    "images": ".images.cli",
     "bench": ".bench.cli",
+    "images": ".images.cli",
+    "kernel": ".kernel",
 }
 _LOCAL = {"run": (_run_parser, lambda a: _cmd_run(a)), "doctor": (_doctor_parser, lambda a: _cmd_doctor(a))}
 

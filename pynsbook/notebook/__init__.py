@@ -1,0 +1,1 @@
+"""The notebook layer: what the magics (``pynsbook.magics``) are made of."""
