@@ -288,3 +288,26 @@ def test_microvm_boot_is_measured_and_labelled(no_leaks):
     assert r.status == "ok", r.reason
     assert r.meta["accel"] in ("kvm", "tcg") and r.meta["accel"] in r.label
     assert r.samples[0] > 0
+
+
+@pytest.mark.needs("root", "cgroups")
+def test_sigterm_mid_run_leaves_no_runtime_state_or_cgroup(tmp_path):
+    import signal as sig
+    p = subprocess.Popen([sys.executable, "-m", "pynsbook", "bench", "startup", "--subjects",
+                          "crun,runc,pynsbook-warm-pass", "--repeat", "500", "--no-progress"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    from pynsbook.cgroups.base import process_start_time
+    time.sleep(0.5)
+    session = f"{p.pid}-{process_start_time(p.pid)}"
+    time.sleep(2.5)
+    p.send_signal(sig.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    left = [d for d in os.listdir("/tmp") if d.startswith(("pynsbook-bench-crun-", "pynsbook-bench-runc-"))
+            and os.path.getmtime(os.path.join("/tmp", d)) > time.time() - 30]
+    assert not left
+    from pynsbook.bench.oci import own_cgroup_dirs
+    for _, d, _ in own_cgroup_dirs():
+        assert not os.path.isdir(os.path.join(d, "pynsbook", session)), d

@@ -110,6 +110,14 @@ class Fleet:
     def stop_all(self) -> None:
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """One start and stop before measuring, so first-time costs (imports, probes,
+        bundle building) do not land on the first point of the curve."""
+        try:
+            self.start_one()
+        finally:
+            self.stop_all()
+
 
 class PynsbookFleet(Fleet):
     kind, label = "pynsbook", "pynsbook containers (idle init)"
@@ -277,8 +285,16 @@ class VMFleet(Fleet):
 
     @staticmethod
     def _qemu_children() -> List[int]:
-        out = []
-        for pid in _children(os.getpid()):
+        """QEMUs started by any thread of this process (each boot runs in its own thread,
+        and /proc lists a child under the thread that forked it)."""
+        out, kids = [], []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/children") as f:
+                    kids += [int(x) for x in f.read().split()]
+            except OSError:
+                pass
+        for pid in kids:
             try:
                 with open(f"/proc/{pid}/comm") as f:
                     if f.read().startswith("qemu-system"):
@@ -290,9 +306,15 @@ class VMFleet(Fleet):
     def pids(self) -> List[int]:
         return list(self.qemu)
 
+    def warm_up(self) -> None:  # a whole boot is too dear: prepare the kernel only
+        from .. import vm
+        self.kernel, self.initramfs = vm.prepare(self.kernel_path)
+        self.accel = vm.choose_accel(self.kernel, self.initramfs)
+        self.label = f"QEMU microVMs, {self.memory_mb} MiB each ({self.accel})"
+
     def stop_all(self) -> None:
         self._stopping = True
-        for pid in self.qemu:  # QEMUs we started, by PID; boot() then reaps them
+        for pid in set(self.qemu) | set(self._qemu_children()):  # QEMUs we started, by PID; boot() then reaps them
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -314,6 +336,11 @@ def run_fleet(fleet: Fleet, n: int, show_progress: bool = True) -> SubjectResult
         return res
     points: List[Dict[str, Any]] = []
     marks = set(checkpoints(n))
+    try:
+        fleet.warm_up()
+    except Exception as err:  # noqa: BLE001 - reported, not fatal to the other fleets
+        res.status, res.reason = "failed", f"warm-up start failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        return res
     bar = progress(n, f"density {fleet.kind}", show_progress)
     base = meminfo()
     t_all = time.perf_counter()
