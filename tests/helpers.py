@@ -35,11 +35,26 @@ def our_cgroup_dirs() -> List[str]:
 
 
 def snapshot() -> Dict[str, Any]:
-    from pynsbook.engine import spawn
+    from pynsbook.engine import pool, spawn
     me = psutil.Process()
-    launcher = spawn.launcher_pid()  # lives as long as this process, by design
-    return {"children": {p.pid for p in me.children(recursive=True) if p.pid != launcher},
-            "mounts": _mounts(), "cgroups": set(our_cgroup_dirs())}
+    # the launcher lives as long as this process, and spares wait to be adopted: by design
+    ours = {spawn.launcher_pid()}
+    spare_cgroups = set()
+    for c in pool.spares():
+        ours.update({c._shim.pid if c._shim else None, c.init_pid})
+        ours.update(p.pid for p in _descendants(c.init_pid))
+        if c.cgroup is not None:
+            spare_cgroups.update(os.path.dirname(f) for f in c.cgroup.procs_files)
+    children = {p.pid for p in me.children(recursive=True)} - ours
+    return {"children": children, "spare_cgroups": spare_cgroups,
+            "mounts": _mounts(), "cgroups": set(our_cgroup_dirs()) - spare_cgroups}
+
+
+def _descendants(pid: Optional[int]) -> List[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True) if pid else []
+    except psutil.Error:
+        return []
 
 
 def _mounts() -> List[str]:

@@ -24,7 +24,7 @@ from ..linux.ids import write_id_maps
 from ..linux.mountinfo import read_mountinfo
 from ..results import RunResult, Stats
 from ..spec import Spec, make_spec
-from . import protocol, spawn
+from . import pool, protocol, spawn
 from .plan import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -132,6 +132,7 @@ class Container:
         self._stopped = False
         self._sampler: Optional["Sampler"] = None
         self._repl: Optional[_Repl] = None
+        self._spare = False  # started by the pool, waiting to be adopted
         self.started_at: Optional[float] = None
         #: the root filesystem's layers, top first (None: the host's files under overlays)
         self.lowers: Optional[List[str]] = [spec.rootfs] if spec.rootfs else None
@@ -143,6 +144,8 @@ class Container:
 
     @property
     def running(self) -> bool:
+        if self._spare:
+            return self._shim is not None and self._shim.poll() is None
         return self._shim is not None and not self._dead.is_set()
 
     def start(self) -> "Container":
@@ -155,6 +158,15 @@ class Container:
                                           f"(stop it with %container stop {self.name})")
         _reap_stale_once()
         self.plan = plan = make_plan(self.spec)
+        key = pool.shape(self.spec, plan) if not self._spare else None
+        spare = pool.take(key)
+        if spare is not None:
+            try:
+                self._adopt(spare, plan)
+            except BaseException:
+                self._cleanup()
+                raise
+            return self._started(key)
         try:
             if self.spec.image:  # its layers, and a container layer in the image store
                 from .. import images
@@ -170,12 +182,36 @@ class Container:
         except BaseException:
             self._cleanup()
             raise
+        return self._started(key)
+
+    def _started(self, key: Optional[tuple]) -> "Container":
+        if not self._spare:  # a spare's socket is read by whoever adopts it
+            self._reader = threading.Thread(target=self._read_events, daemon=True,
+                                            name=f"pynsbook-{self.name}")
+            self._reader.start()
         if self.spec.name:
             with _REGISTRY_LOCK:
                 _REGISTRY[self.spec.name] = self
         _LIVE.add(self)
         self.started_at = time.time()
+        pool.refill(key, self.spec)
         return self
+
+    def _adopt(self, spare: "Container", plan: Plan) -> None:
+        """Take over a spare container of the same shape: its shim, init and cgroup."""
+        _LIVE.discard(spare)
+        self._shim, self._sock, self.init_pid, self.cgroup = (spare._shim, spare._sock,
+                                                              spare.init_pid, spare.cgroup)
+        spare._shim = spare._sock = spare.cgroup = None
+        spare._stopped = True
+        if self.cgroup is not None and plan.cgroup_limits:
+            try:
+                self.cgroup.apply(plan.cgroup_limits)
+            except OSError as err:
+                raise ContainerError(f"could not set the limits: {err.strerror or err} "
+                                     f"(in {self.cgroup.path})", err.errno) from None
+        if "uts" in plan.namespaces:
+            self._send({"op": "hostname", "name": self.spec.hostname or self.name})
 
     def _config(self, plan: Plan) -> Dict[str, Any]:
         ns = plan.namespaces
@@ -219,9 +255,6 @@ class Container:
                 raise error_from_dict(msg["error"])
             elif event == "ready":
                 break
-        self._reader = threading.Thread(target=self._read_events, name=f"pynsbook-{self.name}",
-                                        daemon=True)
-        self._reader.start()
 
     def _died_early(self) -> PynsbookError:
         assert self._shim is not None
@@ -726,6 +759,7 @@ _LIVE: "weakref.WeakSet[Container]" = weakref.WeakSet()
 @atexit.register
 def _stop_all() -> None:
     """Interpreter exit (a kernel restart): stop every container of this process."""
+    pool.set_enabled(False)  # stops the spares, and no new ones start
     for c in list(_LIVE):
         try:
             c.stop(timeout=0.2)

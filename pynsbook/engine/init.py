@@ -127,6 +127,8 @@ class Init:
             self._signal_jobs(int(msg["sig"]), msg.get("id"))
             for fd in fds:
                 os.close(fd)
+        elif op == "hostname":  # a spare container adopted by a start that names it
+            socket.sethostname(msg["name"])
         elif op == "stop":
             return False
         return True

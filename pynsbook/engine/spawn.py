@@ -38,6 +38,10 @@ class Shim:
         self.returncode = status
         self._exited.set()
 
+    def poll(self) -> Optional[int]:
+        """The exit status if the shim has ended, else None."""
+        return self.returncode if self._exited.is_set() else None
+
     def wait(self, timeout: Optional[float] = None) -> int:
         if not self._exited.wait(timeout):
             raise subprocess.TimeoutExpired("pynsbook shim", timeout or 0)
@@ -73,6 +77,10 @@ class PopenShim(Shim):
             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, env=_child_env(), start_new_session=True, cwd="/")
         super().__init__(self.popen.pid, self.popen.stderr.fileno())  # type: ignore[union-attr]
+
+    def poll(self) -> Optional[int]:
+        self.returncode = self.popen.poll()
+        return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
         self.returncode = self.popen.wait(timeout)

@@ -1,0 +1,110 @@
+"""Spare containers, started before they are needed.
+
+Most of a container's start is spent before any user code can run: namespaces, the root
+filesystem, and joining the cgroup (on cgroup v1 the first move of a process into a cgroup
+waits for an RCU grace period). When a process starts containers of the same shape again
+and again (a sweep over limits, a benchmark, cell after cell), pynsbook keeps one spare of
+that shape ready; the next start adopts it, writes its limits and hostname, and is done.
+
+A spare is an ordinary container with no limits yet; it is used by exactly one start and
+stopped like any other, so isolation and cleanup are what they are on the cold path.
+``PYNSBOOK_POOL=0`` (or ``set_enabled(False)``) turns spares off.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    from .container import Container
+    from .plan import Plan
+    from ..spec import Spec
+
+#: a shape must be started this many times before a spare is kept for it
+WARM_AFTER = 2
+MAX_SHAPES = 4
+
+_lock = threading.Lock()
+_spares: Dict[Tuple, "Container"] = {}
+_starts: Dict[Tuple, int] = {}
+_enabled = os.environ.get("PYNSBOOK_POOL", "1") != "0"
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn spares on or off; off stops the spares that wait."""
+    global _enabled
+    _enabled = enabled
+    if not enabled:
+        drain()
+
+
+def shape(spec: "Spec", plan: "Plan") -> Optional[Tuple]:
+    """What a spare must match; None for containers that are never pooled."""
+    if spec.rootfs or getattr(spec, "image", None):
+        return None  # their layers and container layer belong to one container
+    return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup)
+
+
+def take(key: Optional[Tuple]) -> Optional["Container"]:
+    """A ready spare of this shape (removed from the pool), or None."""
+    if key is None or not _enabled:
+        return None
+    with _lock:
+        _starts[key] = _starts.get(key, 0) + 1
+        spare = _spares.pop(key, None)
+    if spare is not None and not spare.running:
+        spare.stop()
+        return None
+    return spare
+
+
+def refill(key: Optional[Tuple], spec: "Spec") -> None:
+    """Start a spare of this shape in the background, if the shape is used often."""
+    if key is None or not _enabled:
+        return
+    with _lock:
+        if key in _spares or _starts.get(key, 0) < WARM_AFTER:
+            return
+        if len(_spares) >= MAX_SHAPES:
+            return
+        _spares[key] = None  # type: ignore[assignment]  # reserved: one refill at a time
+    threading.Thread(target=_start_spare, args=(key, spec), daemon=True,
+                     name="pynsbook-spare").start()
+
+
+def _start_spare(key: Tuple, spec: "Spec") -> None:
+    from .container import Container
+    base = spec.replace(memory=None, swap=None, cpus=None, cpuset=None, pids=None,
+                        io_read_bps=(), io_write_bps=(), name=None, hostname=None,
+                        timeout=None, env=(), workdir=None, best_effort=True)
+    spare = None
+    try:
+        spare = Container(spec=base)
+        spare._spare = True
+        spare.start()
+    except BaseException:
+        with _lock:
+            _spares.pop(key, None)
+        return
+    with _lock:
+        if _enabled and _spares.get(key, 0) is None:
+            _spares[key] = spare
+            spare = None
+    if spare is not None:
+        spare.stop()
+
+
+def spares() -> List["Container"]:
+    """The spares waiting now."""
+    with _lock:
+        return [c for c in _spares.values() if c is not None]
+
+
+def drain() -> None:
+    """Stop every spare (at exit, or when turned off)."""
+    with _lock:
+        waiting = [c for c in _spares.values() if c is not None]
+        _spares.clear()
+    for c in waiting:
+        c.stop(timeout=0.2)
