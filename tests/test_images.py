@@ -344,3 +344,28 @@ with pynsbook.Container(image='bb') as c:
 r = pynsbook.run(['sh', '-c', 'cat /root/x; ls /etc'], image='bb2')
 print(json.dumps({{'digest': img.layers[0], 'wh': wh, 'diff': d, 'out': r.stdout.split()}}))
 """)
+
+
+CONTAINER = pytest.mark.needs("userns") if os.geteuid() else pytest.mark.needs("root")
+
+
+@CONTAINER
+@pytest.mark.needs("busybox")
+def test_copy_driver_runs_an_image_without_overlayfs_and_leaves_the_layers_untouched(
+        store, monkeypatch):
+    """Where overlayfs is refused, each container runs on a private copy of its image."""
+    import pynsbook
+    monkeypatch.setenv("PYNSBOOK_IMAGE_DRIVER", "copy")
+    assert images.driver()[0] == "copy"
+    image = images.import_busybox("bb")
+    before = store.layers_disk(image.layers)
+    r = pynsbook.run(["sh", "-c", "echo changed > /etc/passwd; rm /etc/hostname; cat /etc/passwd"],
+                     image="bb")
+    assert r.exit_code == 0 and r.stdout == "changed\n", r.stderr
+    r = pynsbook.run(["sh", "-c", "head -c 4 /etc/passwd; test -e /etc/hostname && echo kept"],
+                     image="bb")
+    assert r.stdout.endswith("kept\n") and not r.stdout.startswith("chan"), r.stdout
+    assert store.layers_disk(image.layers) == before
+    with pynsbook.Container(image="bb") as c:
+        with pytest.raises(images.ImageError, match="runs on a copy"):
+            images.diff(c)

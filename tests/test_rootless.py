@@ -85,3 +85,10 @@ print(json.dumps({"forked": int(r.stdout.split()[-1]), "limits": r.limits}))
 """)
     assert out["limits"]["pids"] == 16
     assert out["forked"] < 16
+
+
+@pytest.mark.needs("userns", "overlay")
+def test_doctor_finds_overlayfs_usable_for_the_user_through_a_user_namespace():
+    out = helpers.json_as_user("import json, pynsbook; print(json.dumps(pynsbook.doctor().to_dict()))")
+    assert out["overlay"]["ok"], out["overlay"]
+    assert all(c["ok"] for c in out["namespaces"]), out["namespaces"]

@@ -139,6 +139,8 @@ class Container:
         #: a host directory for the container layer (upper/ and work/), when it must be
         #: read from outside (diff, commit); None: a throwaway tmpfs inside the container
         self.upper_dir: Optional[str] = None
+        #: instead of layers: a private copy of the root, used as it is (no overlayfs here)
+        self.copy_root: Optional[str] = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -224,6 +226,7 @@ class Container:
             "hostname": self.spec.hostname or self.name,
             "lowers": self.lowers,
             "upper": self.upper_dir,
+            "copy_root": self.copy_root,
             "uptime": self.spec.uptime,
             "cgroup_mounts": _cgroup_mounts() if "cgroup" in ns else [],
         }

@@ -76,8 +76,15 @@ def attach(container: "Container") -> None:
             raise OptionError("image", name, "the name of an image in the store "
                               "(see `pynsbook images ls`)") from None
         path = st.new_container_dir(f"{container.name}-{container.id}", image, container.name)
-    container.lowers = st.image_lowers(image)
-    container.upper_dir = path
+    if driver()[0] == "copy":
+        # no overlayfs here: the container runs on a private copy of the image instead
+        # (slower to start and no diff/commit, but the image's layers stay untouched)
+        container.copy_root = os.path.join(path, "root")
+        os.mkdir(container.copy_root, 0o755)
+        _layers.flatten([st.diff_dir(d) for d in image.layers], container.copy_root)
+    else:
+        container.lowers = st.image_lowers(image)
+        container.upper_dir = path
     spec = container.spec
     container.spec = spec.replace(env=tuple(image.config.env.items()) + tuple(spec.env),
                                   workdir=spec.workdir or image.config.workdir)
@@ -96,6 +103,9 @@ def _attached(container: "Container", what: str) -> _Attached:
     if att is None:
         raise ImageError(f"cannot {what} {container.name!r}: it does not run on an image "
                          "(start it with image=NAME or --image NAME)")
+    if getattr(container, "copy_root", None):
+        raise ImageError(f"cannot {what} {container.name!r}: it runs on a copy of its image "
+                         "(this host refuses overlayfs), which has no separate container layer")
     if not os.path.isdir(att.path) or not getattr(container, "running", True):
         raise ImageError(f"cannot {what} {container.name!r}: it has stopped and its "
                          "container layer is gone (commit before stopping)")
@@ -215,13 +225,12 @@ def driver() -> Tuple[str, str]:
     """How image roots get mounted here: ``("overlay", why)`` or the missing fallback."""
     from .. import probe
     ok, reason, fix = probe.overlay()
+    if os.environ.get("PYNSBOOK_IMAGE_DRIVER") == "copy":
+        ok, reason, fix = False, "PYNSBOOK_IMAGE_DRIVER=copy", "unset PYNSBOOK_IMAGE_DRIVER"
     if ok:
         return ("overlay", "kernel overlayfs" + (" in a user namespace" if os.geteuid() else ""))
-    if shutil.which("fuse-overlayfs"):
-        return ("fuse-overlayfs", f"the kernel overlay is refused ({reason}); fuse-overlayfs "
-                "is installed, but the engine cannot mount it yet: --image will fail")
-    return ("none", f"the kernel overlay is refused ({reason}), and neither fuse-overlayfs "
-            f"nor the copy fallback is available yet: --image will fail (fix: {fix})")
+    return ("copy", f"the kernel overlay is refused ({reason}): each container gets a "
+            f"private copy of its image (slower starts, no diff or commit; fix: {fix})")
 
 
 def doctor_note() -> str:

@@ -58,9 +58,12 @@ class RootBuilder:
     """Builds the new root under SCRATCH/root. One instance per container init."""
 
     def __init__(self, lowers: Optional[Sequence[str]], namespaces: Sequence[str],
-                 cgroup_mounts: Sequence[Dict[str, str]], upper: Optional[str] = None) -> None:
+                 cgroup_mounts: Sequence[Dict[str, str]], upper: Optional[str] = None,
+                 copy_root: Optional[str] = None) -> None:
         self.lowers = list(lowers or [])  # top layer first, as overlayfs's lowerdir lists them
         self.upper = upper
+        #: a private, writable copy to use as the root as it is (where overlayfs is refused)
+        self.copy_root = copy_root
         self.ns = set(namespaces)
         self.cgroup_mounts = cgroup_mounts
         self.root = os.path.join(SCRATCH, "root")
@@ -218,16 +221,19 @@ class RootBuilder:
 
     def build(self) -> None:
         libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-        mountpoints = [] if self.lowers else sorted(
+        mountpoints = [] if self.lowers or self.copy_root else sorted(
             {m.mountpoint for m in read_mountinfo() if m.fstype not in _PSEUDO or m.mountpoint == "/"},
             key=lambda p: (p.count("/"), p))
         # open the layers before /tmp is covered: they may live under it
-        lower_fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in self.lowers or ["/"]]
+        lower_fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                     for d in self.lowers or [self.copy_root or "/"]]
         upper_fd = os.open(self.upper, os.O_RDONLY | os.O_DIRECTORY) if self.upper else -1
         try:
             libc.mount("tmpfs", SCRATCH, "tmpfs", _NOSUID_NODEV, "mode=0755")
             os.mkdir(self.root)
-            if self.lowers:
+            if self.copy_root:
+                libc.mount(f"/proc/self/fd/{lower_fds[0]}", self.root, None, libc.MS_BIND)
+            elif self.lowers:
                 self._overlay(":".join(f"/proc/self/fd/{fd}" for fd in lower_fds), self.root,
                               f"/proc/self/fd/{upper_fd}" if upper_fd >= 0 else None)
             else:
