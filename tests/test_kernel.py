@@ -110,7 +110,7 @@ def test_killing_the_launcher_of_a_limited_kernel_leaves_nothing(prefix, tmp_pat
     try:
         k.ok("%%container --name n --mem 64M\nprint(1)\n")
         os.kill(k.pid, 9)  # what a hard kill of the kernel does
-        assert wait_until(lambda: not leftovers(dirs), 8), leftovers(dirs)
+        assert wait_until(lambda: not leftovers(dirs), 3), leftovers(dirs)
     finally:
         k.close()
         for d in dirs:  # clean up after the engine, so the xfail leaves nothing either
