@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from ..results import Stats
 
@@ -137,6 +137,39 @@ def rmdir_retry(path: str, timeout: float = 2.0) -> None:
             if err.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def reap_sessions(tops: Iterable[str], own: str, remove: Callable[[str], None]) -> List[str]:
+    """Remove the container cgroups of dead sessions under each ``<base>/pynsbook``
+    (``remove`` empties and deletes one), then their session directories."""
+    removed = set()
+    for top in tops:
+        try:
+            sessions = os.listdir(top)
+        except OSError:
+            continue
+        for s in sessions:
+            sdir = os.path.join(top, s)
+            if not os.path.isdir(sdir) or s == own or session_alive(s):
+                continue
+            for c in os.listdir(sdir):
+                cdir = os.path.join(sdir, c)
+                if os.path.isdir(cdir):
+                    try:
+                        remove(cdir)
+                    except OSError:
+                        continue
+            try:
+                rmdir_retry(sdir)
+                removed.add(s)
+            except OSError:
+                pass
+    return sorted(removed)
+
+
+def _kill_and_rmdir(directory: str) -> None:
+    kill_pids(procs(directory))
+    rmdir_retry(directory)
 
 
 class Cgroup(abc.ABC):

@@ -12,8 +12,8 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 from ..linux.mountinfo import Mount, cgroup_dir, read_mountinfo, read_proc_cgroup
 from ..results import Stats
 from .base import (CPU, CPUSET, FREEZER, IO, MEMORY, PIDS, TOP, Backend, Cgroup, Missing,
-                   kill_pids, procs, read, read_int, read_keyed, rmdir_retry, session_alive,
-                   session_name, write)
+                   _kill_and_rmdir, kill_pids, procs, read, read_int, read_keyed,
+                   reap_sessions, rmdir_retry, session_name, write)
 
 # pynsbook controller -> v1 subsystem names that serve it
 _SUBSYSTEMS = {MEMORY: "memory", CPU: "cpu", "cpuacct": "cpuacct", CPUSET: "cpuset",
@@ -115,31 +115,8 @@ class V1Backend(Backend):
         return V1Cgroup(dirs, self)
 
     def reap_stale(self) -> List[str]:
-        removed = set()
-        for d in self._dirs_used().values():
-            top = os.path.join(d, TOP)
-            try:
-                sessions = os.listdir(top)
-            except OSError:
-                continue
-            for s in sessions:
-                sdir = os.path.join(top, s)
-                if not os.path.isdir(sdir) or s == self.session or session_alive(s):
-                    continue
-                for c in os.listdir(sdir):
-                    cdir = os.path.join(sdir, c)
-                    if os.path.isdir(cdir):
-                        kill_pids(procs(cdir))
-                        try:
-                            rmdir_retry(cdir)
-                        except OSError:
-                            continue
-                try:
-                    rmdir_retry(sdir)
-                    removed.add(s)
-                except OSError:
-                    pass
-        return sorted(removed)
+        tops = [os.path.join(d, TOP) for d in self._dirs_used().values()]
+        return reap_sessions(tops, self.session, _kill_and_rmdir)
 
 
 class V1Cgroup(Cgroup):

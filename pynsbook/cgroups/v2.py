@@ -12,8 +12,8 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from ..linux.mountinfo import Mount, cgroup_dir, read_mountinfo, read_proc_cgroup
 from ..results import Stats
-from .base import (CPU, CPUSET, FREEZER, IO, MEMORY, PIDS, TOP, Backend, Cgroup, Missing,
-                   kill_pids, procs, read, read_int, read_keyed, rmdir_retry, session_alive,
+from .base import (CPU, CPUSET, IO, MEMORY, PIDS, TOP, Backend, Cgroup, Missing,
+                   kill_pids, procs, read, read_int, read_keyed, reap_sessions, rmdir_retry,
                    session_name, write)
 
 _WANTED = (MEMORY, CPU, CPUSET, PIDS, IO)
@@ -140,29 +140,8 @@ class V2Backend(Backend):
     def reap_stale(self) -> List[str]:
         if not self._base:
             return []
-        top = os.path.join(self._base, TOP)
-        removed = []
-        try:
-            sessions = os.listdir(top)
-        except OSError:
-            return []
-        for s in sessions:
-            sdir = os.path.join(top, s)
-            if not os.path.isdir(sdir) or s == self.session or session_alive(s):
-                continue
-            for c in os.listdir(sdir):
-                cdir = os.path.join(sdir, c)
-                if os.path.isdir(cdir):
-                    try:
-                        V2Cgroup(cdir).remove()
-                    except OSError:
-                        continue
-            try:
-                rmdir_retry(sdir)
-                removed.append(s)
-            except OSError:
-                pass
-        return removed
+        return reap_sessions([os.path.join(self._base, TOP)], self.session,
+                             lambda d: V2Cgroup(d).remove())
 
 
 class V2Cgroup(Cgroup):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from .. import cgroups
 from ..errors import (ContainerError, ContainerNotFound, ContainerStateError, OptionError, PynsbookError,
-                      UnsupportedError, error_from_dict)
+                      error_from_dict)
 from ..linux.ids import write_id_maps
 from ..linux.mountinfo import read_mountinfo
 from ..results import RunResult, Stats
@@ -271,16 +271,7 @@ class Container:
         return ContainerError(f"the container's init stopped unexpectedly: {last}")
 
     def _read_events(self) -> None:
-        sock = self._sock
-        while True:
-            try:
-                msg, fds = protocol.recv(sock)
-            except OSError:
-                msg, fds = None, []
-            for fd in fds:
-                os.close(fd)
-            if msg is None:
-                break
+        for msg in protocol.messages(self._sock):
             job = self._jobs.get(str(msg.get("id")))
             if job is None:
                 continue
@@ -696,15 +687,7 @@ class _Repl:
         threading.Thread(target=self._read, daemon=True, name="pynsbook-repl").start()
 
     def _read(self) -> None:
-        while True:
-            try:
-                msg, fds = protocol.recv(self.sock)
-            except OSError:
-                msg, fds = None, []
-            for fd in fds:
-                os.close(fd)
-            if msg is None:
-                break
+        for msg in protocol.messages(self.sock):
             if self.current is not None and self.current.rid == str(msg.get("id")):
                 self.current.code = msg["status"]
                 self.current.started.set()

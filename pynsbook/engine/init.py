@@ -13,7 +13,6 @@ import selectors
 import signal
 import socket
 import sys
-import time
 from typing import Any, Dict, List, Optional
 
 from ..linux import libc, netns

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 MAX_MESSAGE = 1 << 16
 MAX_FDS = 8
@@ -47,6 +47,20 @@ def recv(sock: socket.socket) -> Tuple[Optional[Dict[str, Any]], List[int]]:
             os.close(fd)
         return None, []
     return json.loads(data), fds
+
+
+def messages(sock: socket.socket) -> Iterator[Dict[str, Any]]:
+    """Every message until the other end closes (or the socket fails); fds are closed."""
+    while True:
+        try:
+            msg, fds = recv(sock)
+        except OSError:
+            return
+        for fd in fds:
+            os.close(fd)
+        if msg is None:
+            return
+        yield msg
 
 
 def payload_fd(data: bytes) -> int:

@@ -119,15 +119,7 @@ class LauncherClient:
         threading.Thread(target=self._read, name="pynsbook-launcher", daemon=True).start()
 
     def _read(self) -> None:
-        while True:
-            try:
-                msg, fds = protocol.recv(self.sock)
-            except OSError:
-                msg, fds = None, []
-            for fd in fds:
-                os.close(fd)
-            if msg is None:
-                break
+        for msg in protocol.messages(self.sock):
             if msg.get("event") == "exited":
                 shim = self.shims.pop(msg["pid"], None)
                 if shim:

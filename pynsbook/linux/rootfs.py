@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from . import libc
-from .mountinfo import Mount, read_mountinfo
+from .mountinfo import read_mountinfo
 
 SCRATCH = "/tmp"  # covered by our private tmpfs; the container gets a fresh /tmp anyway
 _SKIP_UNDER = ("/proc", "/sys", "/dev", "/tmp", "/run")
