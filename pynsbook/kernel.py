@@ -177,10 +177,7 @@ def launch(spec: spec_mod.Spec, command: List[str]) -> int:
     def forward(signum: int, frame: Any) -> None:
         c, rid = started.get("c"), started.get("rid")
         if c is not None and rid is not None:
-            try:  # engine request: a public Container.signal(sig, run) would replace this
-                c._send({"op": "signal", "id": rid, "sig": int(signum)})
-            except OSError:
-                pass
+            c.signal(signum, rid)
 
     def on_start(c: Any, rid: str) -> None:
         started.update(c=c, rid=rid)

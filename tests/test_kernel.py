@@ -99,9 +99,6 @@ def test_limited_kernel_runs_in_a_cgroup_and_its_limits_hold(prefix, tmp_path):
 
 
 @pytest.mark.needs("root", "cgroups")
-@pytest.mark.xfail(strict=True, reason="engine: Cgroup.remove() and the shim's clean-up do not "
-                   "remove cgroups nested inside a container's cgroup (the kernel's own "
-                   "containers), so rmdir fails with EBUSY")
 def test_killing_the_launcher_of_a_limited_kernel_leaves_nothing(prefix, tmp_path):
     assert pynsbook_cli("kernel", "install", "--prefix", str(prefix), "--name", "small",
                         "--mem", "256M").returncode == 0

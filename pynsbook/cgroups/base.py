@@ -167,9 +167,24 @@ def reap_sessions(tops: Iterable[str], own: str, remove: Callable[[str], None]) 
     return sorted(removed)
 
 
+def remove_tree(directory: str) -> None:
+    """Empty and delete a cgroup and every cgroup nested in it, deepest first.
+
+    A container may make cgroups of its own inside its cgroup (a kernel started with limits
+    runs its own containers there): rmdir fails while any of them remains.
+    """
+    for root, _dirs, _files in os.walk(directory, topdown=False):
+        for _ in range(50):
+            pids = procs(root)
+            if not pids:
+                break
+            kill_pids(pids)
+            time.sleep(0.005)
+        rmdir_retry(root)
+
+
 def _kill_and_rmdir(directory: str) -> None:
-    kill_pids(procs(directory))
-    rmdir_retry(directory)
+    remove_tree(directory)
 
 
 class Cgroup(abc.ABC):

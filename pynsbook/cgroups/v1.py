@@ -13,7 +13,7 @@ from ..linux.mountinfo import Mount, cgroup_dir, read_mountinfo, read_proc_cgrou
 from ..results import Stats
 from .base import (CPU, CPUSET, FREEZER, IO, MEMORY, PIDS, TOP, Backend, Cgroup, Missing,
                    _kill_and_rmdir, kill_pids, procs, read, read_int, read_keyed,
-                   reap_sessions, rmdir_retry, session_name, write)
+                   reap_sessions, remove_tree, rmdir_retry, session_name, write)
 
 # pynsbook controller -> v1 subsystem names that serve it
 _SUBSYSTEMS = {MEMORY: "memory", CPU: "cpu", "cpuacct": "cpuacct", CPUSET: "cpuset",
@@ -248,7 +248,7 @@ class V1Cgroup(Cgroup):
     def remove(self) -> None:
         self.kill_all()
         for d in self.dirs.values():
-            rmdir_retry(d)
+            remove_tree(d)
 
     def files(self) -> Dict[str, str]:
         names = {MEMORY: ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.max_usage_in_bytes"),

@@ -1,7 +1,8 @@
 """cgroup v2: one unified hierarchy. Containers live in ``<base>/pynsbook/<session>/<name>``.
 
-``<base>`` is the cgroup root when running as root there, else the nearest ancestor of this
-process's cgroup that this user may write to (a delegated subtree, as systemd's
+``<base>`` is the cgroup root when running as root there (unless this process itself runs in
+a pynsbook cgroup, like a kernel started with limits: then its containers stay inside those
+limits), else the nearest ancestor of this process's cgroup that this user may write to (a delegated subtree, as systemd's
 ``Delegate=yes`` gives). Never this process's own cgroup: v2 forbids enabling controllers
 for children of a cgroup that has processes ("no internal processes").
 """
@@ -13,7 +14,7 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 from ..linux.mountinfo import Mount, cgroup_dir, read_mountinfo, read_proc_cgroup
 from ..results import Stats
 from .base import (CPU, CPUSET, IO, MEMORY, PIDS, TOP, Backend, Cgroup, Missing,
-                   kill_pids, procs, read, read_int, read_keyed, reap_sessions, rmdir_retry,
+                   kill_pids, procs, read, read_int, read_keyed, reap_sessions, remove_tree,
                    session_name, write)
 
 _WANTED = (MEMORY, CPU, CPUSET, PIDS, IO)
@@ -38,7 +39,8 @@ def find_base(mount: Mount, own_path: str) -> Optional[str]:
     if own is None:
         return None
     root = mount.mountpoint.rstrip("/") or "/"
-    if os.geteuid() == 0 and _writable(root):
+    inside_ours = f"/{TOP}/" in own_path  # e.g. a kernel started with limits by pynsbook
+    if os.geteuid() == 0 and _writable(root) and not inside_ours:
         return root
     if own.rstrip("/") == root:
         return root if _writable(root) else None
@@ -256,9 +258,8 @@ class V2Cgroup(Cgroup):
         if self._peak_fd is not None:
             os.close(self._peak_fd)
             self._peak_fd = None
-        if self.pids():
-            self.kill_all()
-        rmdir_retry(self.path)
+        self.kill_all()  # cgroup.kill takes the cgroups nested in it too
+        remove_tree(self.path)
 
     def files(self) -> Dict[str, str]:
         out = {}

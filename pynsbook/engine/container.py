@@ -391,6 +391,19 @@ class Container:
             return Sampler(self.init_pid).snapshot()
         raise ContainerStateError(f"container {self.name!r} is not running")
 
+    def signal(self, sig: int, run: Optional[str] = None) -> None:
+        """Send a signal to one run (the id ``on_start`` received) or to every process the
+        container runs; quietly nothing if the container has already ended."""
+        if not self.running:
+            return
+        if run is not None:
+            job = self._jobs.get(run)
+            run = job.signal_rid if job else run
+        try:
+            self._send({"op": "signal", "id": run, "sig": int(sig)})
+        except (OSError, ContainerStateError):
+            pass
+
     def freeze(self) -> None:
         self._require_cgroup("freeze").freeze(True)
 
@@ -643,10 +656,7 @@ class Container:
             result.stderr = "".join(chunks[err_r])
 
     def _signal_job(self, job: _Job, sig: int) -> None:
-        try:
-            self._send({"op": "signal", "id": job.signal_rid, "sig": int(sig)})
-        except OSError:
-            pass
+        self.signal(sig, job.signal_rid)
 
     def _interrupt(self, job: _Job) -> None:
         """The stop button: SIGINT, then SIGTERM, then SIGKILL, with short waits."""

@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
 from typing import Any, Dict, List
 
-from ..cgroups.base import kill_pids, procs, rmdir_retry
+from ..cgroups.base import remove_tree
 from ..errors import ContainerError
 from ..linux import ids, libc
 from . import protocol
@@ -59,14 +58,8 @@ def remove_cgroups(dirs: List[str]) -> None:
     """The container is over: empty and delete its cgroups, even if the client is gone
     (a killed kernel). Only the directories pynsbook created for this container."""
     for d in dirs:
-        for _ in range(20):
-            pids = procs(d)
-            if not pids:
-                break
-            kill_pids(pids)  # left behind only without a PID namespace
-            time.sleep(0.01)
         try:
-            rmdir_retry(d)
+            remove_tree(d)  # processes are left only without a PID namespace, or nested
         except OSError:
             pass
     for session in {os.path.dirname(d) for d in dirs}:
