@@ -31,6 +31,33 @@ def _get(name: str) -> Any:
                          "name one with %%container --name NAME)") from None
 
 
+#: image commands: the words they take, as help shows them
+_IMAGE_COMMANDS = {"images": [], "layers": ["IMAGE"], "diff": ["NAME"], "commit": ["NAME", "IMAGE"]}
+
+
+def _image_command(cmd: str, rest: list) -> Any:
+    """``%container images | layers IMAGE | diff NAME | commit NAME IMAGE``."""
+    from . import images
+    words = _IMAGE_COMMANDS[cmd]
+    if len(rest) != len(words):
+        usage = " ".join(["%container", cmd] + words)
+        raise UsageError(f"%container {cmd} takes {len(words) or 'no'} argument"
+                         f"{'s' if len(words) != 1 else ''}: {usage}")
+    try:
+        if cmd == "images":
+            return images.table()
+        if cmd == "layers":
+            return images.layers_table(rest[0])
+        if cmd == "diff":
+            return images.diff(_get(rest[0]))
+        image = images.commit(_get(rest[0]), rest[1])
+        print(f"pynsbook: committed {rest[0]}'s container layer as image {rest[1]} "
+              f"({len(image.layers)} layers)")
+        return None
+    except (images.ImageError, OptionError) as err:
+        raise UsageError(str(err)) from None
+
+
 @magics_class
 class ContainerMagics(Magics):
     """The pynsbook magics. ``%%container?``, ``%container?`` and ``%cgroup?`` explain each."""
@@ -84,8 +111,11 @@ class ContainerMagics(Magics):
                     return None
             _get(name).stop()
             return None
+        if cmd in _IMAGE_COMMANDS:
+            return _image_command(cmd, rest)
         raise UsageError(f"%container: unknown command {cmd!r}; commands: ls, stop NAME, "
-                         "rm NAME, stats NAME, logs NAME, doctor")
+                         "rm NAME, stats NAME, logs NAME, doctor, images, layers IMAGE, "
+                         "diff NAME, commit NAME IMAGE")
 
     container_line.__doc__ = args_mod.line_doc()
 

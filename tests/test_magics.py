@@ -404,3 +404,33 @@ def test_plot_draws_a_chart(kernel):
     reply, msgs = kernel.execute("%%container --plot --mem 64M\nx = bytearray(20 * 2**20)\n")
     assert reply["status"] == "ok"
     assert any("image/png" in m["content"].get("data", {}) for m in msgs if m["msg_type"] == "display_data")
+
+
+def shown(k: KernelSession, code: str) -> str:
+    """What a cell printed and displayed (stdout, results, display data), as text."""
+    reply, msgs = k.execute(code)
+    errors = [m["content"] for m in msgs if m["msg_type"] == "error"]
+    assert reply["status"] == "ok" and not errors, (code, errors)
+    texts = [m["content"]["data"].get("text/plain", "") for m in msgs
+             if m["msg_type"] in ("execute_result", "display_data")]
+    return stream(msgs, "stdout") + "".join(texts)
+
+
+@pytest.mark.needs("busybox", "overlay")
+@pytest.mark.needs("root")
+def test_image_commands_show_layers_diff_and_commit(kernel, tmp_path):
+    """%container images | layers | diff | commit, on a store of the test's own."""
+    kernel.ok(f"import os; os.environ['PYNSBOOK_STORE'] = {str(tmp_path / 'store')!r}\n"
+              "from pynsbook import images; images.import_busybox('bb')")
+    assert "bb" in shown(kernel, "%container images")
+    assert "LAYER" in shown(kernel, "%container layers bb")
+    kernel.ok("%%container --image bb --name imgbox --bash\nrm /etc/hostname; mkdir -p /srv; echo hi > /srv/x\n")
+    diff = shown(kernel, "%container diff imgbox")
+    assert "D /etc/hostname" in diff and "A /srv/x" in diff, diff
+    assert "committed" in shown(kernel, "%container commit imgbox bb2")
+    assert "hi" in kernel.ok("%%container --image bb2 --bash\ncat /srv/x\n")
+    kernel.ok("%container stop imgbox")
+    reply, msgs = kernel.execute("%container layers nope")
+    assert reply["status"] == "error" and reply["ename"] == "UsageError"
+    assert "nope" in reply["evalue"] and "\n" not in reply["evalue"]
+    kernel.ok("del os.environ['PYNSBOOK_STORE']")

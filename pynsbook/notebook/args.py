@@ -63,6 +63,10 @@ Examples::
     %container stop db             # stop it (its processes, cgroup and mounts go)
     %container rm db               # stop it and forget its logs
     %container doctor              # what this host supports, and how to enable the rest
+    %container images              # images in the store (pynsbook images busybox makes one)
+    %container layers busybox      # an image's layers: size, files added/changed/deleted
+    %container diff db             # what container db changed: A/C/D lines like docker diff
+    %container commit db mine      # db's container layer becomes image mine
 """
 
 CGROUP_DOC = """\
@@ -171,7 +175,8 @@ def cell_doc() -> str:
 
 def line_doc() -> str:
     return ("Manage the containers of this kernel::\n\n"
-            "  %container ls | stop NAME | rm NAME | stats NAME | logs NAME | doctor\n\n"
+            "  %container ls | stop NAME | rm NAME | stats NAME | logs NAME | doctor\n"
+            "  %container images | layers IMAGE | diff NAME | commit NAME IMAGE\n\n"
             + LINE_EXAMPLES + "\nA named container is made by `%%container --name NAME`; "
             "see `%%container?` for every option.\n")
 
