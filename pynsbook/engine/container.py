@@ -287,9 +287,13 @@ class Container:
             job.started.set()
             job.exited.set()
 
-    def stop(self, timeout: float = _STOP_GRACE) -> None:
+    def stop(self, timeout: float = _STOP_GRACE, wait: bool = True) -> None:
         """Stop every process (SIGTERM, then SIGKILL after ``timeout``) and remove the
-        container: its processes, its cgroup, its mounts (they die with its namespace)."""
+        container: its processes, its cgroup, its mounts (they die with its namespace).
+
+        With ``wait=False`` the container is told to end and the rest (waiting for its
+        shim, removing its cgroup) finishes in the background; interpreter exit waits for it.
+        """
         if self._stopped:
             return
         self._stopped = True
@@ -301,17 +305,28 @@ class Container:
                     job.exited.wait(max(0.0, deadline - time.monotonic()))
         except OSError:
             pass
-        self._cleanup()
+        if wait:
+            self._cleanup()
+            return
+        self._end()
+        t = threading.Thread(target=self._cleanup, daemon=True, name="pynsbook-cleanup")
+        _CLEANUPS.add(t)
+        t.start()
+
+    def _end(self) -> None:
+        """Tell the init to end the container now (the first, quick part of clean-up)."""
+        if self._sock is not None:
+            try:
+                self._send({"op": "stop"})
+            except (OSError, ContainerStateError):
+                pass
+            self._sock.close()  # init sees EOF too: it kills everything and exits
+            self._sock = None
 
     def _cleanup(self) -> None:
         if self._sampler:
             self._sampler.stop()
-        if self._sock is not None:
-            try:
-                self._send({"op": "stop"})
-            except OSError:
-                pass
-            self._sock.close()  # init sees EOF too: it kills everything and exits
+        self._end()
         if self._shim is not None:
             try:
                 self._shim.wait(timeout=5)
@@ -334,6 +349,7 @@ class Container:
                 del _REGISTRY[self.name]
         _LIVE.discard(self)
         self._dead.set()
+        _CLEANUPS.discard(threading.current_thread())
 
     def __enter__(self) -> "Container":
         if self._shim is None:
@@ -750,6 +766,7 @@ def _cpu_list(cpuset: str) -> List[int]:
 
 
 _LIVE: "weakref.WeakSet[Container]" = weakref.WeakSet()
+_CLEANUPS: "set[threading.Thread]" = set()  # background clean-ups (stop(wait=False))
 
 
 @atexit.register
@@ -761,6 +778,8 @@ def _stop_all() -> None:
             c.stop(timeout=0.2)
         except BaseException:
             pass
+    for t in list(_CLEANUPS):
+        t.join(5)
     spawn.shutdown()
 
 
@@ -775,10 +794,18 @@ def run(code_or_argv: Union[str, Sequence[str]], *, on_stdout: Optional[Callback
     are pickled into its globals and the variables named in ``outputs`` come back in
     ``RunResult.outputs``.
     """
-    with Container(**options) as c:
+    if not isinstance(code_or_argv, str) and (inputs or outputs):
+        raise ValueError("inputs and outputs work with Python code, not with a command")
+    c = Container(**options).start()
+    try:
         if isinstance(code_or_argv, str):
-            return c.run(code_or_argv, on_stdout=on_stdout, on_stderr=on_stderr, stdin=stdin,
-                         inputs=inputs, outputs=outputs)
-        if inputs or outputs:
-            raise ValueError("inputs and outputs work with Python code, not with a command")
-        return c.exec(list(code_or_argv), on_stdout=on_stdout, on_stderr=on_stderr, stdin=stdin)
+            result = c.run(code_or_argv, on_stdout=on_stdout, on_stderr=on_stderr, stdin=stdin,
+                           inputs=inputs, outputs=outputs)
+        else:
+            result = c.exec(list(code_or_argv), on_stdout=on_stdout, on_stderr=on_stderr,
+                            stdin=stdin)
+    except BaseException:
+        c.stop()
+        raise
+    c.stop(wait=False)  # the result is ready: the container's removal need not delay it
+    return result
