@@ -10,7 +10,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Any, List, Optional
+from typing import Any, List
 
 from .harness import BenchRun, BenchUsageError
 

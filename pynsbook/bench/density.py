@@ -209,7 +209,7 @@ class CrunFleet(Fleet):
         if self.rt is None:
             self.rt = OCIRuntime("crun", ["/bin/sleep", "1000000"])
             if self.rt.workaround:
-                self.label += ", cgroup2 hidden in a private mount ns"
+                self.label = CrunFleet.label + ", cgroup2 hidden in a private mount ns"
         rt = self.rt
         cid = rt.new_id()
         pid_file = os.path.join(rt.tmp, f"{cid}.pid")
@@ -372,6 +372,7 @@ def run_fleet(fleet: Fleet, n: int, show_progress: bool = True) -> SubjectResult
                     memory_per_container=points[-1]["per_container"] if points else None)
     if getattr(fleet, "accel", ""):
         res.meta["accel"] = fleet.accel
+        res.meta["vm_memory_mb"] = getattr(fleet, "memory_mb", None)
     return res
 
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .stats import Summary, summarize
 
@@ -215,8 +215,9 @@ def progress(total: int, desc: str, enabled: bool = True) -> Any:
         try:
             from tqdm.auto import tqdm
             tqdm.monitor_interval = 0  # no monitor thread: subjects fork
+            in_notebook = "ipykernel" in sys.modules  # a widget there, whatever isatty says
             return tqdm(total=total, desc=desc, leave=False, unit="run",
-                        disable=None if sys.stderr.isatty() else True)
+                        disable=False if in_notebook else None)  # None: off when not a TTY
         except ImportError:  # pragma: no cover - tqdm is a dependency
             pass
     return _NoBar()

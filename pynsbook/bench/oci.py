@@ -121,6 +121,50 @@ def build_bundle(directory: str, argv: List[str], cgroups_path: str,
     return config
 
 
+def hybrid_workaround(unmounts: List[str], binds: List[Tuple[str, str]]) -> None:
+    """What crun's child does before exec on a hybrid host: a private mount namespace
+    without the cgroup2 mount, and our own v1 cgroups bound over their hierarchies' roots."""
+    libc.unshare(libc.CLONE_NEWNS)
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    for mp in unmounts:
+        libc.umount2(mp, libc.MNT_DETACH)
+    for src, mp in binds:
+        libc.mount(src, mp, None, libc.MS_BIND)
+
+
+def workaround_plan() -> Tuple[List[str], List[Tuple[str, str]]]:
+    """(cgroup2 mounts to hide, (own dir, mount point) binds) — empty when not hybrid."""
+    dirs = own_cgroup_dirs()
+    if not (any(fs == "cgroup2" for _, _, fs in dirs) and any(fs == "cgroup" for _, _, fs in dirs)):
+        return [], []
+    return ([mp for mp, _, fs in dirs if fs == "cgroup2"],
+            [(d, mp) for mp, d, fs in dirs if fs == "cgroup" and d != mp])
+
+
+class WorkaroundCost(Subject):
+    """fork + the crun hybrid workaround + exit: what the workaround adds to each crun run,
+    so a reader can take it off crun's time."""
+
+    name, label, group = "crun-prep", "crun's hybrid workaround alone (fork, mount ns, umount, binds)", "baseline"
+
+    def check(self) -> Optional[str]:
+        if os.geteuid() != 0:
+            return "needs root"
+        if not workaround_plan()[0]:
+            return "not a hybrid cgroup host: crun needs no workaround here"
+        return None
+
+    def setup(self) -> None:
+        self.plan = workaround_plan()
+
+    def once(self) -> None:
+        from .subjects import _child, _wait
+        pid = os.fork()
+        if pid == 0:
+            _child(lambda: (hybrid_workaround(*self.plan), 0)[1])
+        _wait(pid, "crun-prep")
+
+
 class OCIRuntime:
     """A bundle and a state root for one runtime, with the crun hybrid workaround."""
 
@@ -151,14 +195,8 @@ class OCIRuntime:
 
     def prepare_child(self) -> None:
         """In the forked child, before exec: hide cgroup2 and re-root the v1 hierarchies."""
-        if not self.workaround:
-            return
-        libc.unshare(libc.CLONE_NEWNS)
-        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
-        for mp in self.unmounts:
-            libc.umount2(mp, libc.MNT_DETACH)
-        for src, mp in self.binds:
-            libc.mount(src, mp, None, libc.MS_BIND)
+        if self.workaround:
+            hybrid_workaround(self.unmounts, self.binds)
 
     def argv(self, cid: str, detach: bool = False, config: Optional[str] = None,
              pid_file: Optional[str] = None) -> List[str]:
@@ -228,7 +266,6 @@ class OCIPeer(Subject):
             return f"{self.runtime} is not installed"
         if os.geteuid() != 0:
             return f"{self.runtime} run needs root here (rootless mode is not benchmarked)"
-        from .subjects import vm_unavailable  # noqa: F401  (busybox check below)
         from ..vm.initramfs import find_busybox
         from ..vm import VMError
         try:

@@ -15,7 +15,6 @@ virtualisation, and a KVM guest would be much closer to native).
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -155,8 +154,12 @@ def slowdowns(run: BenchRun) -> List[Dict[str, Any]]:
         for env in ENVS[1:]:
             m = run.median(f"{w}/{env}")
             if base and m:
+                a = run.get(f"{w}/native").summary  # type: ignore[union-attr]
+                b = run.get(f"{w}/{env}").summary  # type: ignore[union-attr]
+                # the two medians' 95% intervals overlap: no difference this run can show
+                noise = bool(a and b and a.ci_low <= b.ci_high and b.ci_low <= a.ci_high)
                 out.append({"workload": w, "env": env, "native_s": base, "env_s": m,
-                            "slowdown": m / base})
+                            "slowdown": m / base, "within_noise": noise})
     return out
 
 
@@ -165,8 +168,9 @@ def format_overhead(run: BenchRun) -> str:
     lines = [f"overhead: workload time only (start-up excluded); median of "
              f"{run.config.get('repeat')} (VM: {run.config.get('vm_repeat')} in one boot); "
              f"{run.env.get('kernel')}, {run.env.get('cpus')} CPUs",
-             f"{'workload / where':<44} {'median':>9} {'IQR':>21} {'vs native':>10}"]
+             f"{'workload / where':<44} {'median':>9} {'IQR':>21} {'vs native':>16}"]
     slow = {(s["workload"], s["env"]): s["slowdown"] for s in run.data.get("slowdown", [])}
+    noisy = {(s["workload"], s["env"]) for s in run.data.get("slowdown", []) if s.get("within_noise")}
     for r in run.results:
         s = r.summary
         if r.status != "ok" or s is None:
@@ -174,6 +178,11 @@ def format_overhead(run: BenchRun) -> str:
             continue
         w, env = r.name.split("/")
         rel = "1.00x" if env == "native" else (f"{slow[(w, env)]:.2f}x" if (w, env) in slow else "-")
+        if (w, env) in noisy:
+            rel += " (noise)"
         lines.append(f"{r.label[:44]:<44} {fmt_time(s.median):>9} "
-                     f"{fmt_time(s.q1) + '-' + fmt_time(s.q3):>21} {rel:>10}")
+                     f"{fmt_time(s.q1) + '-' + fmt_time(s.q3):>21} {rel:>16}")
+    if noisy:
+        lines.append("(noise): the 95% intervals of the two medians overlap — no difference "
+                     "from native that this run can show")
     return "\n".join(lines)

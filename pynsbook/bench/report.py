@@ -9,7 +9,7 @@ import io
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from .harness import BenchRun, BenchUsageError, _write_atomic
 from .startup import fmt_time
