@@ -440,4 +440,12 @@ def format_density(run: BenchRun) -> str:
                          f"{fmt_time(median(last))} (growth with N: {median(last) / median(first):.2f}x)")
     lines.append("memory = (PSS of the fleet's processes + host-wide growth of Slab, PageTables, "
                  "KernelStack) / N; the kernel part includes anything else the host did meanwhile")
+    ours, crun = run.get("pynsbook"), run.get("crun")
+    if ours is not None and ours.status == "ok" and ours.meta.get("memory_per_container"):
+        m = ours.meta["memory_per_container"] / (1 << 20)
+        ref = (f"; crun in this run: {crun.meta['memory_per_container'] / (1 << 20):.2f} MiB"
+               if crun is not None and crun.status == "ok" and crun.meta.get("memory_per_container")
+               else "")
+        lines.append(f"issue 7 goal, idle container <= 0.5 MiB: pynsbook {m:.2f} MiB "
+                     f"{'MET' if m <= 0.5 else 'NOT MET'}{ref}")
     return "\n".join(lines)
