@@ -33,10 +33,40 @@ CONTAINER_OPTIONS = {"memory": "64M", "cpus": 1, "pids": 64, "namespaces": ",".j
 
 
 def _wait(pid: int, what: str) -> None:
-    _, status = os.waitpid(pid, 0)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # Ctrl-C or SIGTERM while the child runs: let it finish first
+        _reap(pid)
+        raise
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"{what} exited with status {code}")
+
+
+def _reap(pid: int, grace: float = 5.0) -> None:
+    """Wait up to ``grace`` seconds for our child to end by itself (a runc or crun that
+    is interrupted half-way leaves state behind), then SIGKILL it; reap it either way."""
+    import signal
+    import time
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except KeyboardInterrupt:
+            done = 0
+            deadline = 0.0  # asked twice: stop waiting
+        if done:
+            return
+        if time.monotonic() > deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.005)
 
 
 def _child(fn: Callable[[], int]) -> None:
