@@ -99,11 +99,13 @@ class ContainerPanel(W.VBox):
         self.note = W.HTML()
         self.chart = W.Image(format="png", layout=W.Layout(width="100%", max_width="720px"))
         self.chart.add_class("pynsbook-chart")
+        self.caption = W.HTML()
+        self.caption.add_class("pynsbook-chart-caption")
         self.status.add_class("pynsbook-status")
         self.note.add_class("pynsbook-note")
         super().__init__([self.title, self.memory, self.cpus, self.pids,
                           W.HBox([self.freeze_button, self.thaw_button, self.stop_button]),
-                          self.status, self.chart, self.note])
+                          self.status, self.chart, self.caption, self.note])
         self.add_class("pynsbook-panel")
 
         self.memory.observe(self._on_memory, names="value")
@@ -260,8 +262,12 @@ class ContainerPanel(W.VBox):
             self.frame_times = (self.frame_times + [time.thread_time() - t0])[-100:]
         last = series.samples[-1] if len(series) else None
         self.chart.value = data
-        self.chart.tooltip = (f"memory limit {format_size(last.memory_limit) if last else '?'}; "
-                              f"{len(series)} samples up to {last.t if last else 0:.1f} s")
+        # what the picture shows, in words (not the Image's tooltip: ipywidgets 8's Image
+        # view throws on a tooltip, it has no description)
+        self.caption.value = (f"<small>chart: memory limit "
+                              f"{format_size(last.memory_limit) if last else '?'}, "
+                              f"{len(series)} samples up to {last.t if last else 0:.1f} s"
+                              f"</small>")
         self.status.value = f"<small>{self._status_line(series)}</small>"
         self._show_notes()
 

@@ -55,7 +55,7 @@ def test_sliders_and_buttons_change_the_cgroup_at_once():
             while panel.chart.value == first and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert panel.chart.value != first and panel.chart.value[:4] == b"\x89PNG"
-            assert "128 MiB" in panel.chart.tooltip
+            assert "memory limit 128 MiB" in panel.caption.value
             bundle = panel._repr_mimebundle_()
             assert {"image/png", "text/plain",
                     "application/vnd.jupyter.widget-view+json"} <= set(bundle)
