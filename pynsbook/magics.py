@@ -113,8 +113,14 @@ class ContainerMagics(Magics):
             return None
         if cmd in _IMAGE_COMMANDS:
             return _image_command(cmd, rest)
+        if cmd == "panel":
+            if len(rest) != 1:
+                raise UsageError("%container panel takes one container name, like "
+                                 "%container panel db")
+            from .widgets import ContainerPanel
+            return ContainerPanel(_get(rest[0]))
         raise UsageError(f"%container: unknown command {cmd!r}; commands: ls, stop NAME, "
-                         "rm NAME, stats NAME, logs NAME, doctor, images, layers IMAGE, "
+                         "rm NAME, stats NAME, logs NAME, panel NAME, doctor, images, layers IMAGE, "
                          "diff NAME, commit NAME IMAGE")
 
     container_line.__doc__ = args_mod.line_doc()
