@@ -14,6 +14,8 @@ benchmarks. Standard library only, so it imports on any host; it needs
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
+from typing import Optional, Tuple
 
 from .errors import BootFailed, BootTimeout, KernelNotFound, VMError, VMSetupError
 from .initramfs import DEFAULT_MODULES, build_initramfs, resolve_modules
@@ -33,7 +35,7 @@ def shell_quote(word: str) -> str:
     return shlex.quote(word)
 
 
-def prepare(kernel_path: "str | None" = None) -> "tuple[Kernel, object]":
+def prepare(kernel_path: Optional[str] = None) -> Tuple[Kernel, Path]:
     """The kernel (``kernel_path``, else Debian's, fetched once) and its cached initramfs."""
     kernel = kernel_from_path(kernel_path) if kernel_path else fetch_kernel()
     return kernel, build_initramfs(kernel)

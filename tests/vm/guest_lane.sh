@@ -87,7 +87,7 @@ ${RUN:+$RUN} /bin/sh -c '
     if [ "${PYNSBOOK_VM_CHECKS_ONLY:-0}" = 1 ]; then exit "${checks:-0}"; fi
     junit=""
     [ -d "${PYNSBOOK_VM_OUT:-}" ] && [ -w "$PYNSBOOK_VM_OUT" ] && junit="--junitxml=$PYNSBOOK_VM_OUT/junit-$LANE.xml"
-    "$PY" -m pytest -p no:cacheprovider --basetemp="/tmp/pytest-$LANE" $junit "$@"
+    "$PY" -m pytest -p no:cacheprovider --basetemp="/tmp/pytest-$LANE" --durations=15 --durations-min=3 $junit "$@"
     status=$?
     # pytest 5 = nothing collected: not a failure while the suite is still growing
     [ "$status" = 5 ] && status=0

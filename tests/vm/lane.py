@@ -30,10 +30,17 @@ sys.path.insert(0, str(REPO))
 from pynsbook import vm  # noqa: E402  (stdlib-only package, importable without install)
 
 LANES = ("root", "delegated", "nouserns")
-#: What runs in the VM unless pytest arguments are given.
-DEFAULT_SELECTION = ["-m", "not no_vm"]
-#: --quick: only tests whose outcome depends on the host (they carry a needs marker).
-QUICK_SELECTION = ["-m", "needs and not no_vm"]
+#: What runs in the VM unless pytest arguments are given: the tests whose outcome
+#: depends on the host (they carry a needs marker). The rest already ran on the host,
+#: and everything is ~30x slower under software emulation.
+DEFAULT_SELECTION = ["-m", "needs and not no_vm"]
+#: --full: every test except those marked no_vm.
+FULL_SELECTION = ["-m", "not no_vm"]
+#: --quick: the host-dependent tests, stopping at the first failure.
+QUICK_SELECTION = ["-m", "needs and not no_vm", "-x"]
+#: Always passed: name each test as it starts (a hang shows where), and bound each test
+#: (pytest-timeout) below the project's 300 s, so one hang cannot eat the lane's budget.
+ALWAYS = ["-v", "--color=no", "--timeout=150"]
 
 
 def _terminate(signum, _frame):  # turn SIGTERM/SIGHUP into an exception: QEMU gets killed
@@ -71,14 +78,13 @@ def run_lane(lane: str, kernel: "vm.Kernel", initramfs: Path, accel: str, python
         try:
             result = vm.boot(kernel, initramfs, script, accel=accel, timeout=timeout,
                              ready_timeout=min(timeout, 120.0), env=env,
-                             on_line=lambda s: print(f"[{lane}] {s}", flush=True))
+                             on_line=lambda s: print(f"[{lane}] {s.rsplit(chr(13), 1)[-1]}", flush=True))
         except vm.BootTimeout as err:
             # Retry only a boot that never got ready (rare TSC-calibration hangs).
             if attempt == 1 and "get ready" in str(err):
                 print(f"[{lane}] {err}; retrying once", flush=True)
                 continue
             summary.update(status="timed out", detail=str(err))
-            print(err.console_tail[-3000:], flush=True)
             break
         except vm.BootFailed as err:
             summary.update(status="boot failed", detail=str(err))
@@ -108,10 +114,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--lane", default="all", choices=(*LANES, "all"))
-    ap.add_argument("--timeout", type=float, default=900.0,
-                    help="seconds each lane may take, boot included (default 900)")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds each lane may take, boot included (default 600)")
+    ap.add_argument("--total-timeout", type=float, default=1500.0,
+                    help="seconds all lanes together may take (default 1500); a lane that "
+                    "would start with less than a minute left fails as not run")
     ap.add_argument("--quick", action="store_true",
-                    help="only tests with a needs marker (default: all but no_vm)")
+                    help="the default selection, stopping at the first failure")
+    ap.add_argument("--full", action="store_true",
+                    help="every test not marked no_vm (default: only tests with a needs marker)")
     ap.add_argument("--checks-only", action="store_true",
                     help="run only the guest checks, not pytest")
     ap.add_argument("--kernel", help="a kernel image or unpacked kernel package to boot "
@@ -135,7 +146,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{REPO}", file=sys.stderr)
         return 2
     if not pytest_args:
-        pytest_args = QUICK_SELECTION if args.quick else DEFAULT_SELECTION
+        pytest_args = (FULL_SELECTION if args.full else
+                       QUICK_SELECTION if args.quick else DEFAULT_SELECTION)
+    elif "-m" not in pytest_args and not any(a.startswith("-m") for a in pytest_args):
+        pytest_args = ["-m", "not no_vm", *pytest_args]  # never nest a VM in the VM
+    pytest_args = ALWAYS + pytest_args
     try:
         t0 = time.monotonic()
         kernel = vm.kernel_from_path(args.kernel) if args.kernel else vm.fetch_kernel()
@@ -149,10 +164,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     lanes = LANES if args.lane == "all" else (args.lane,)
     summaries = []
+    deadline = time.monotonic() + args.total_timeout
     try:
         for lane in lanes:
+            left = deadline - time.monotonic()
+            if left < 60:
+                summaries.append({"lane": lane, "status": "not run", "seconds": 0.0, "ready": None,
+                                  "detail": f"--total-timeout {args.total_timeout:.0f}s used up"})
+                continue
             summaries.append(run_lane(lane, kernel, initramfs, accel, args.python, pytest_args,
-                                      args.timeout, args.checks_only, args.junit_dir))
+                                      min(args.timeout, left), args.checks_only, args.junit_dir))
     except KeyboardInterrupt:
         print("lane: interrupted; QEMU killed", file=sys.stderr)
         return 130
