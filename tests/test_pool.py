@@ -56,3 +56,13 @@ def test_spares_can_be_turned_off():
         assert not pool.spares()
     finally:
         pool.set_enabled(True)
+
+
+def test_a_command_in_an_adopted_spare_sees_no_idle_worker():
+    pool.drain()
+    for _ in range(pool.WARM_AFTER):
+        pynsbook.run(["true"])
+    _wait_for_spare()
+    r = pynsbook.run(["sh", "-c", "echo /proc/[0-9]*"])  # the shell expands it itself
+    assert len(r.stdout.split()) == 2, r.stdout  # init and sh: nothing else
+    pool.drain()

@@ -37,6 +37,8 @@ _REGISTRY_LOCK = threading.Lock()
 _reaped = False
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _STOP_GRACE = 1.0  # seconds between SIGINT, SIGTERM and SIGKILL
+#: Python runs go to a worker forked ahead of need (PYNSBOOK_PREFORK=0: fork per run)
+_PREFORK = os.environ.get("PYNSBOOK_PREFORK", "1") != "0"
 
 
 def containers() -> Dict[str, "Container"]:
@@ -91,9 +93,10 @@ def _create_cgroup(name: str) -> cgroups.Cgroup:
 class _Job:
     """One process a container runs (or one request to its persistent interpreter)."""
 
-    def __init__(self, rid: str, signal_rid: Optional[str] = None) -> None:
+    def __init__(self, rid: str, signal_rid: Optional[str] = None, worker: bool = False) -> None:
         self.rid = rid
         self.signal_rid = signal_rid or rid  # whom to signal: the persistent interpreter
+        self.worker = worker  # an idle Python worker, waiting for a request
         self.started = threading.Event()
         self.exited = threading.Event()
         self.pid: Optional[int] = None
@@ -131,7 +134,8 @@ class Container:
         self._dead = threading.Event()
         self._stopped = False
         self._sampler: Optional["Sampler"] = None
-        self._repl: Optional[_Repl] = None
+        self._repl: Optional[_Repl] = None  # the persistent Python worker
+        self._fresh: Optional[_Repl] = None  # a one-shot Python worker forked ahead
         self._spare = False  # started by the pool, waiting to be adopted
         self.started_at: Optional[float] = None
         #: the root filesystem's layers, top first (None: the host's files under overlays)
@@ -191,6 +195,8 @@ class Container:
             self._reader = threading.Thread(target=self._read_events, daemon=True,
                                             name=f"pynsbook-{self.name}")
             self._reader.start()
+        elif _PREFORK:  # and its first Python run finds a worker waiting
+            self._fresh = self._start_worker()
         if self.spec.name:
             with _REGISTRY_LOCK:
                 _REGISTRY[self.spec.name] = self
@@ -204,7 +210,8 @@ class Container:
         _LIVE.discard(spare)
         self._shim, self._sock, self.init_pid, self.cgroup = (spare._shim, spare._sock,
                                                               spare.init_pid, spare.cgroup)
-        spare._shim = spare._sock = spare.cgroup = None
+        self._jobs, self._ids, self._fresh = spare._jobs, spare._ids, spare._fresh
+        spare._shim = spare._sock = spare.cgroup = spare._fresh = None
         spare._stopped = True
         if self.cgroup is not None and plan.cgroup_limits:
             try:
@@ -298,7 +305,8 @@ class Container:
             return
         self._stopped = True
         try:
-            if self.running and any(not j.exited.is_set() for j in self._jobs.values()):
+            if self.running and any(not j.exited.is_set() and not j.worker
+                                    for j in self._jobs.values()):
                 self._send({"op": "signal", "id": None, "sig": int(signal.SIGTERM)})
                 deadline = time.monotonic() + timeout
                 for job in list(self._jobs.values()):
@@ -482,8 +490,14 @@ class Container:
 
     def _start_repl(self) -> "_Repl":
         """Start this container's persistent Python process."""
+        self._repl = self._start_worker()
+        return self._repl
+
+    def _start_worker(self) -> "_Repl":
+        """Ask the init to fork a Python worker; returns at once (requests queue on its
+        socket until it reads them)."""
         rid = str(next(self._ids))
-        job = self._jobs[rid] = _Job(rid)
+        job = self._jobs[rid] = _Job(rid, worker=True)
         ours, theirs = protocol.pair()
         null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         msg = self._base_msg(None, None)
@@ -493,8 +507,23 @@ class Container:
         finally:
             os.close(null)
             theirs.close()
-        self._repl = _Repl(job, ours)
-        return self._repl
+        return _Repl(job, ours)
+
+    def _take_fresh_worker(self) -> Optional["_Repl"]:
+        """The one-shot worker a spare container forked ahead of need, if there is one.
+
+        Only spares have one (their first run is the run they were made for); a container
+        that runs cell after cell forks per run, so `ps` inside shows no idle stranger."""
+        worker, self._fresh = self._fresh, None
+        return worker if worker is not None and worker.alive else None
+
+    def _discard_fresh_worker(self) -> None:
+        """A run that does not use the waiting worker: end it first, so the run sees only
+        its own processes."""
+        worker, self._fresh = self._fresh, None
+        if worker is not None and worker.alive:
+            self.signal(signal.SIGKILL, worker.job.rid)
+            worker.job.exited.wait(2)
 
     def _execute(self, argv: Optional[List[str]], code: Optional[str], *,
                  on_stdout: Optional[Callback] = None, on_stderr: Optional[Callback] = None,
@@ -515,6 +544,13 @@ class Container:
                 raise ValueError("persistent runs take Python code, not a command")
             repl = self._repl if self._repl and self._repl.alive else self._start_repl()
             repl.lock.acquire()
+        elif code is not None and _PREFORK:
+            repl = self._take_fresh_worker()  # one-shot: a fresh __main__ all the same
+            if repl is not None:
+                repl.oneshot = True
+                repl.lock.acquire()
+        if repl is None or not repl.oneshot:
+            self._discard_fresh_worker()
         try:
             return self._execute_locked(argv, code, on_stdout, on_stderr, timeout, stdin, env,
                                         workdir, payload_inputs, list(outputs), repl, on_start)
@@ -554,6 +590,11 @@ class Container:
             self._jobs[rid] = job
         else:
             repl.current = job
+            repl.job.worker = False  # busy: stop() must let it finish
+            if repl.oneshot:
+                base = self._base_msg(env, workdir)
+                msg.update(last=True, env=base["env"], workdir=base["workdir"],
+                           rlimits=base.get("rlimits"), cpus_affinity=base.get("cpus_affinity"))
         fb = self.plan.fallback_limits
         before = self.cgroup.counters() if self.cgroup else None
         if self.cgroup:
@@ -592,11 +633,17 @@ class Container:
             if sampler:
                 sampler.stop()
         result.wall_time = time.monotonic() - t0
+        if repl is not None:
+            repl.job.worker = True
+            if repl.oneshot:
+                # a one-shot worker exits after its request: wait, so that its memory and
+                # CPU are counted and freed before the result says what they were
+                repl.job.exited.wait(5)
         if repl is not None and job.code is None:
-            # the persistent interpreter itself died (OOM, a signal, os._exit): its state is lost
+            # the worker itself died (OOM, a signal, os._exit): a persistent one's state is lost
             repl.job.exited.wait(2)
             job.code, job.signal, job.rusage = repl.job.code, repl.job.signal, repl.job.rusage
-            if job.code is not None:
+            if job.code is not None and not repl.oneshot:
                 note = ("pynsbook: the container's Python process ended "
                         f"({'signal ' + str(job.signal) if job.signal else 'status ' + str(job.code)}); "
                         "its variables are lost and the next run starts afresh\n")
@@ -710,6 +757,7 @@ class _Repl:
         self.lock = threading.Lock()
         self.current: Optional[_Job] = None
         self.alive = True
+        self.oneshot = False
         threading.Thread(target=self._read, daemon=True, name="pynsbook-repl").start()
 
     def _read(self) -> None:

@@ -8,6 +8,7 @@ whole PID namespace with it.
 """
 from __future__ import annotations
 
+import gc
 import os
 import selectors
 import signal
@@ -155,6 +156,7 @@ def init_main(sock: socket.socket, cfg: Dict[str, Any]) -> None:
         setup(cfg)
     except BaseException as err:  # any failure: report it and leave
         _fail(sock, err)
+    gc.freeze()  # as in the launcher: workloads forked from here copy fewer pages
     try:
         Init(sock, cfg).serve()
     finally:

@@ -14,6 +14,7 @@ own socket, as on the slow path.
 """
 from __future__ import annotations
 
+import gc
 import os
 import selectors
 import signal
@@ -107,6 +108,9 @@ class Launcher:
 
 
 def main(fd: int) -> None:
+    # everything imported now lives as long as the process: keep the garbage collector
+    # off it, so forked children do not copy the pages it would touch (copy-on-write)
+    gc.freeze()
     Launcher(socket.socket(fileno=fd)).serve()
 
 

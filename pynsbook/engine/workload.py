@@ -151,11 +151,31 @@ def _run_python(msg: Dict[str, Any], fds: List[int]) -> int:
     return status
 
 
-def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
-    """A persistent interpreter: run each request's code in the same ``__main__``.
+def _apply_process_settings(req: Dict[str, Any]) -> None:
+    """A request's environment, directory and fallback limits, for a worker forked before
+    the request existed (a one-shot worker)."""
+    if "env" in req:
+        os.environ.clear()
+        os.environ.update(req["env"])
+    if req.get("workdir"):
+        try:
+            os.chdir(req["workdir"])
+        except OSError:
+            os.chdir("/")
+    for name, value in (req.get("rlimits") or {}).items():
+        resource.setrlimit(_RLIMITS[name], (int(value), int(value)))
+    if req.get("cpus_affinity"):
+        os.sched_setaffinity(0, req["cpus_affinity"])
 
-    Each request brings its own stdio pipes; between requests fds 0-2 point at /dev/null,
-    so the client sees end-of-file exactly when a request is done.
+
+def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
+    """A Python worker: run each request's code in the same ``__main__``.
+
+    Persistent workers serve many requests (a named container's state). One-shot workers
+    are forked ahead of need and serve one request marked ``last``, which takes the fork
+    off the path of a run (a fork of the interpreter costs milliseconds; sending it code,
+    a fraction of one). Each request brings its own stdio pipes; between requests fds 0-2
+    point at /dev/null, so the client sees end-of-file exactly when a request is done.
     """
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sock = socket.socket(fileno=_fd(msg, fds, "repl"))  # type: ignore[arg-type]
@@ -170,6 +190,7 @@ def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
             return 0
         status = 1
         try:
+            _apply_process_settings(req)
             _redirect(req, rfds)
             _python_streams()
             code = protocol.read_payload(_fd(req, rfds, "code")).decode("utf-8")  # type: ignore[arg-type]
@@ -188,7 +209,11 @@ def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
                 os.dup2(null, target)
             for fd in rfds:
                 os.close(fd)
+        if req.get("last"):
+            _wait_for_threads()
         protocol.send(sock, {"id": req["id"], "status": status})
+        if req.get("last"):
+            return status
 
 
 def _exec_argv(argv: List[str]) -> int:
