@@ -176,3 +176,12 @@ def test_freeze_stops_the_container_until_thawed():
         c.thaw()
         t.join(10)
         assert out and out[0].stdout.split() == ["0", "1", "2", "3", "4", "5"]
+
+
+def test_a_limit_can_be_lifted_live():
+    with Container(memory="64M", cpus=0.5, pids=16) as c:
+        c.update(memory=None, cpus="max", pids="unlimited")
+        s = c.stats()
+        assert (s.memory_limit, s.cpu_quota, s.pids_limit) == (None, None, None)
+        assert c.run(ALLOC.format(mb=100)).ok
+        assert "memory" not in c.plan.limits

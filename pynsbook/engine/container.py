@@ -376,7 +376,9 @@ class Container:
             protocol.send(self._sock, msg, fds)
 
     def update(self, **limits: Any) -> Dict[str, Any]:
-        """Change limits while the container runs (same keywords as ``run``)."""
+        """Change limits while the container runs (same keywords as ``run``).
+
+        ``None`` (or "max", "unlimited") lifts a memory, swap, cpus or pids limit."""
         if not self.running:
             raise ContainerStateError(f"container {self.name!r} is not running")
         bad = [k for k in limits if k not in ("memory", "mem", "swap", "cpus", "cpuset", "pids",
@@ -384,13 +386,14 @@ class Container:
         if bad:
             raise TypeError(f"{bad[0]!r} cannot change on a running container; limits that can: "
                             "memory, swap, cpus, cpuset, pids, io_read_bps, io_write_bps")
-        new = make_spec({("memory" if k == "mem" else k): v for k, v in limits.items()},
-                        base=self.spec.replace(name=None))
-        changed = {k: getattr(new, k) for k in limits if k != "mem"}
-        if "mem" in limits:
-            changed["memory"] = new.memory
+        limits = {("memory" if k == "mem" else k): v for k, v in limits.items()}
+        lifted = [k for k, v in limits.items() if k in ("memory", "swap", "cpus", "pids") and
+                  (v is None or str(v).lower() in ("max", "unlimited", "none"))]
+        new = make_spec({k: v for k, v in limits.items() if k not in lifted},
+                        base=self.spec.replace(name=None, **{k: None for k in lifted}))
+        changed = {k: getattr(new, k) for k in limits}
         plan = make_plan(new.replace(namespaces=frozenset(), explicit_namespaces=frozenset()))
-        cg_changes = {k: v for k, v in changed.items() if k in plan.cgroup_limits}
+        cg_changes = {k: v for k, v in changed.items() if k in plan.cgroup_limits or k in lifted}
         if "memory" in cg_changes and "swap" in plan.cgroup_limits and "swap" not in cg_changes:
             cg_changes["swap"] = plan.cgroup_limits["swap"]
         if self.cgroup is not None and cg_changes:
@@ -404,6 +407,8 @@ class Container:
         self.spec = self.spec.replace(**{k: getattr(new, k) for k in changed})
         assert self.plan is not None
         self.plan.limits.update({k: v for k, v in plan.limits.items() if k in changed or k == "swap"})
+        for k in lifted:
+            self.plan.limits.pop(k, None)
         return changed
 
     def stats(self) -> Stats:
