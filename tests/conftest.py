@@ -7,7 +7,8 @@ cannot pass by quietly skipping what it exists to test.
 
 Capabilities: root, rootless_user (root here, and able to run code as an unprivileged test
 user), cgroups (memory, cpu and pids controllers usable), cgroup_v1, cgroup_v2, userns,
-overlay, timens, stress_ng, busybox, qemu.
+overlay, timens, stress_ng, busybox, qemu, browser (Debian's chromium, playwright and
+JupyterLab).
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def _capabilities() -> Dict[str, Tuple[bool, str]]:
         caps[name] = (shutil.which(tool) is not None, f"{tool} is not installed")
     ok, why = helpers.rootless_user_available() if root else (False, "not root")
     caps["rootless_user"] = (ok, why)
+    import importlib.util
+    missing = [what for what, ok in (
+        ("/usr/bin/chromium (apt-get install chromium)", os.path.exists("/usr/bin/chromium")),
+        ("playwright (pip)", importlib.util.find_spec("playwright") is not None),
+        ("jupyterlab (pip)", importlib.util.find_spec("jupyterlab") is not None)) if not ok]
+    caps["browser"] = (not missing, "missing " + ", ".join(missing))
     return caps
 
 

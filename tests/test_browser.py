@@ -49,7 +49,7 @@ finally:
     c.stop()
 """
 
-pytestmark = [pytest.mark.no_vm, pytest.mark.needs("root", "cgroup_v1"),
+pytestmark = [pytest.mark.no_vm, pytest.mark.needs("root", "cgroup_v1", "browser"),
               pytest.mark.timeout(120)]
 
 
