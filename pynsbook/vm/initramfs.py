@@ -40,7 +40,7 @@ FAIL_MARKER = "@@PYNSBOOK-VM-FAIL@@"
 #: Where the guest finds the writable share, the payload and busybox after the switch.
 GUEST_DIR = "/run/pynsbook-vm"
 
-_FORMAT_VERSION = "5"
+_FORMAT_VERSION = "6"
 
 # Stage 1 runs from the initramfs: load modules, mount the shares, move the host root
 # onto / and hand over to stage 2 inside it. KEY=value words of the kernel command line
@@ -85,6 +85,7 @@ $BB mkdir -p /dev/pts /dev/shm /dev/mqueue
 $BB mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
 [ -e /dev/ptmx ] || $BB ln -s pts/ptmx /dev/ptmx
 $BB mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+$BB mount -t tmpfs -o mode=1777 tmpfs /var/tmp 2>/dev/null
 $BB mount -t mqueue mqueue /dev/mqueue 2>/dev/null
 $BB ln -sf /proc/self/fd /dev/fd 2>/dev/null
 $BB ip link set lo up

@@ -103,13 +103,18 @@ def kvm_usable() -> bool:
 
 def qemu_command(kernel: Kernel, initramfs: Path, share: Path, *, accel: str,
                  memory_mb: int = 2048, cpus: int = 2, root: str = "/",
-                 extra_args: Sequence[str] = ()) -> List[str]:
-    """The QEMU argv for a microVM that boots ``kernel`` with ``initramfs``."""
-    append = ["console=ttyS0", "quiet", "reboot=t", "panic=-1", "rdinit=/init",
+                 kernel_args: Sequence[str] = (), extra_args: Sequence[str] = ()) -> List[str]:
+    """The QEMU argv for a microVM that boots ``kernel`` with ``initramfs``.
+
+    ``kernel_args`` (and ``$PYNSBOOK_VM_APPEND``) are added to the kernel command line.
+    """
+    append = ["console=ttyS0", "quiet", "reboot=t", "panic=-1", "pci=off", "rdinit=/init",
               "pynsbook_root_tag=hostroot", "pynsbook_share_tag=share"]
     tsc = host_tsc_khz()
     if tsc and accel == "tcg":
         append.append(f"tsc_early_khz={tsc}")
+    append.extend(kernel_args)
+    append.extend(os.environ.get("PYNSBOOK_VM_APPEND", "").split())
     cmd = [
         str(find_qemu()),
         "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
@@ -162,7 +167,7 @@ def boot(kernel: Kernel, initramfs: Path, script: str, *, accel: str = "auto",
          timeout: float = 600.0, ready_timeout: Optional[float] = None,
          memory_mb: int = 2048, cpus: int = 2, env: Optional[Mapping[str, str]] = None,
          on_line: Optional[Callable[[str], None]] = None,
-         extra_args: Sequence[str] = ()) -> BootResult:
+         kernel_args: Sequence[str] = (), extra_args: Sequence[str] = ()) -> BootResult:
     """Boot the VM, run ``script`` (``/bin/sh``, as root) in it and return a
     :class:`BootResult`.
 
@@ -186,7 +191,7 @@ def boot(kernel: Kernel, initramfs: Path, script: str, *, accel: str = "auto",
         lines = [f"export {k}={shlex.quote(v)}" for k, v in exports.items()]
         (share / "payload").write_text("\n".join(lines) + "\n" + script + "\n")
         cmd = qemu_command(kernel, initramfs, share, accel=accel, memory_mb=memory_mb,
-                           cpus=cpus, extra_args=extra_args)
+                           cpus=cpus, kernel_args=kernel_args, extra_args=extra_args)
         result = _run(cmd, accel, timeout, ready_timeout, on_line)
         result.files = _collect(share / "out")
         return result

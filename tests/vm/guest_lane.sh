@@ -40,6 +40,8 @@ run_as_user() {
 case "$LANE" in
 root)
     REQUIRE=root,cgroup_v2,userns,overlay,timens
+    mkdir -p /tmp/root-home
+    export HOME=/tmp/root-home  # the shared /root is read-only
     if [ "${PYNSBOOK_VM_ROOT_CGROUP:-leaf}" = leaf ]; then
         mkdir -p "$CG/lane-root"
         echo $$ > "$CG/lane-root/cgroup.procs"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the test suite inside a QEMU microVM with a real cgroup-v2 kernel, as three lanes.
 
-    python3 tests/vm/lane.py [--lane root|delegated|nouserns|all] [--timeout S] [--quick]
+    python3 tests/vm/lane.py [--lane root|delegated|nouserns|all] [--timeout S] [--quick|--full]
                              [-- PYTEST ARGS...]
 
 One test:  python3 tests/vm/lane.py --lane root -- tests/test_x.py::test_y
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -30,17 +31,17 @@ sys.path.insert(0, str(REPO))
 from pynsbook import vm  # noqa: E402  (stdlib-only package, importable without install)
 
 LANES = ("root", "delegated", "nouserns")
-#: What runs in the VM unless pytest arguments are given: the tests whose outcome
-#: depends on the host (they carry a needs marker). The rest already ran on the host,
-#: and everything is ~30x slower under software emulation.
+#: Per-lane default pytest arguments (see the file); used without ``--`` arguments.
+SELECTION_FILE = REPO / "tests/vm/selection"
+#: Without a selection file: the tests whose outcome depends on the host (they carry a
+#: needs marker). The rest already ran on the host, ~30x faster than under emulation.
 DEFAULT_SELECTION = ["-m", "needs and not no_vm"]
 #: --full: every test except those marked no_vm.
 FULL_SELECTION = ["-m", "not no_vm"]
-#: --quick: the host-dependent tests, stopping at the first failure.
-QUICK_SELECTION = ["-m", "needs and not no_vm", "-x"]
-#: Always passed: name each test as it starts (a hang shows where), and bound each test
-#: (pytest-timeout) below the project's 300 s, so one hang cannot eat the lane's budget.
-ALWAYS = ["-v", "--color=no", "--timeout=150"]
+#: Always passed: name each test as it starts (a hang shows where); bound each test
+#: (pytest-timeout) below the project's 300 s, so one hang cannot eat the lane's budget;
+#: and skip loading nbval and anyio, which cost ~60 s of imports per lane under emulation.
+ALWAYS = ["-v", "--color=no", "--timeout=150", "-p", "no:nbval", "-p", "no:anyio"]
 
 
 def _terminate(signum, _frame):  # turn SIGTERM/SIGHUP into an exception: QEMU gets killed
@@ -53,6 +54,16 @@ def _world_readable(path: Path) -> Optional[str]:
         if parent.is_dir() and not (parent.stat().st_mode & 0o001):
             return str(parent)
     return None
+
+
+def lane_selection(lane: str, path: Path = SELECTION_FILE) -> List[str]:
+    """The pytest arguments ``path`` gives ``lane`` (a line ``LANE ARGS...``)."""
+    if path.exists():
+        for line in path.read_text().splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] == lane:
+                return words[1:]
+    return list(DEFAULT_SELECTION)
 
 
 def pytest_summary(lines: List[str]) -> str:
@@ -120,9 +131,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="seconds all lanes together may take (default 1500); a lane that "
                     "would start with less than a minute left fails as not run")
     ap.add_argument("--quick", action="store_true",
-                    help="the default selection, stopping at the first failure")
+                    help="stop each lane at its first failing test (pytest -x)")
     ap.add_argument("--full", action="store_true",
-                    help="every test not marked no_vm (default: only tests with a needs marker)")
+                    help="every test not marked no_vm (default: the lane's line in "
+                    "tests/vm/selection)")
     ap.add_argument("--checks-only", action="store_true",
                     help="run only the guest checks, not pytest")
     ap.add_argument("--kernel", help="a kernel image or unpacked kernel package to boot "
@@ -145,12 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"lane: {closed} is not world-searchable; the unprivileged lanes cannot reach "
               f"{REPO}", file=sys.stderr)
         return 2
-    if not pytest_args:
-        pytest_args = (FULL_SELECTION if args.full else
-                       QUICK_SELECTION if args.quick else DEFAULT_SELECTION)
-    elif "-m" not in pytest_args and not any(a.startswith("-m") for a in pytest_args):
+    if pytest_args and not any(a.startswith("-m") for a in pytest_args):
         pytest_args = ["-m", "not no_vm", *pytest_args]  # never nest a VM in the VM
-    pytest_args = ALWAYS + pytest_args
     try:
         t0 = time.monotonic()
         kernel = vm.kernel_from_path(args.kernel) if args.kernel else vm.fetch_kernel()
@@ -172,8 +180,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 summaries.append({"lane": lane, "status": "not run", "seconds": 0.0, "ready": None,
                                   "detail": f"--total-timeout {args.total_timeout:.0f}s used up"})
                 continue
-            summaries.append(run_lane(lane, kernel, initramfs, accel, args.python, pytest_args,
-                                      min(args.timeout, left), args.checks_only, args.junit_dir))
+            selected = pytest_args or (FULL_SELECTION if args.full else lane_selection(lane))
+            if args.quick:
+                selected = ["-x", *selected]
+            summaries.append(run_lane(lane, kernel, initramfs, accel, args.python,
+                                      ALWAYS + selected, min(args.timeout, left),
+                                      args.checks_only, args.junit_dir))
     except KeyboardInterrupt:
         print("lane: interrupted; QEMU killed", file=sys.stderr)
         return 130
