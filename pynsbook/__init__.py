@@ -33,7 +33,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .results import RunResult, Stats
 
 
+#: subpackages reachable as attributes (``pynsbook.images.table()``) without an import
+_SUBMODULES = ("images", "bench", "vm", "widgets", "monitor", "plot", "cgroups", "probe", "spec")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value

@@ -399,17 +399,23 @@ def make_spec(values: Optional[Mapping[str, Any]] = None, *, cli: bool = False,
 
 def _assemble(parsed: Dict[str, Any], base: Spec, cli: bool) -> Spec:
     label = (lambda key: option(key).flag) if cli else (lambda key: key)
+    listed = "namespaces" in parsed  # --ns: exactly these, each one required
     ns = set(parsed.pop("namespaces", base.namespaces))
-    explicit = set(ns) if "namespaces" in parsed or ns != set(base.namespaces) else set()
-    dropped = parsed.pop("no_namespaces", frozenset())
-    ns -= dropped
+    explicit = set(ns) if listed else set(base.explicit_namespaces)
+    ns -= parsed.pop("no_namespaces", frozenset())
+    explicit &= ns
     net = parsed.get("net", base.net)
     if net == "host":
-        if "net" in explicit and "namespaces" in parsed:
+        if listed and "net" in ns:
             raise OptionError(label("net"), "host", "--net none when --ns lists net "
                               "(a container on the host network has no network namespace)")
         ns.discard("net")
-    explicit.discard("net") if net == "host" else None
+        explicit.discard("net")
+    elif "net" in parsed:  # --net none asked for: the network namespace is required
+        if "net" not in ns:
+            raise OptionError(label("net"), net, "--net host when the net namespace is off "
+                              "(--net none needs a network namespace)")
+        explicit.add("net")
     if "hostname" in parsed and "uts" not in ns:
         raise OptionError(label("hostname"), parsed["hostname"],
                           "no hostname unless the uts namespace is on (drop --no-ns uts)")

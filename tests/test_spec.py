@@ -80,3 +80,11 @@ def test_errors_pickle_and_travel_as_json():
     assert str(error_from_dict(err.to_dict())) == str(err)
     opt = OptionError("--mem", "64X", "a size")
     assert str(pickle.loads(pickle.dumps(opt))) == str(opt)
+
+
+def test_explicit_namespace_choices_are_remembered_as_required():
+    assert make_spec(namespaces="pid,net").explicit_namespaces == {"pid", "net"}
+    assert make_spec(net="none").explicit_namespaces == {"net"}
+    assert make_spec().explicit_namespaces == frozenset()
+    with pytest.raises(OptionError, match="--net none needs a network namespace"):
+        make_spec({"net": "none", "no_namespaces": "net"}, cli=True)

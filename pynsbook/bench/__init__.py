@@ -13,6 +13,10 @@ from __future__ import annotations
 from .harness import (BenchRun, BenchUsageError, FuncSubject, Subject, SubjectResult,
                       environment, load_runs, measure)
 from .stats import Summary, bootstrap_ci, median, quantile, summarize
+# The submodules share their names with the functions below: import them first, so that
+# the functions, defined after, are what ``bench.startup`` names (a submodule imported
+# later would otherwise replace the function on the package).
+from . import density as _density, overhead as _overhead, startup as _startup  # noqa: E402,F401
 
 __all__ = ["BenchRun", "BenchUsageError", "FuncSubject", "Subject", "SubjectResult",
            "Summary", "bootstrap_ci", "environment", "load_runs", "measure", "median",

@@ -860,5 +860,7 @@ def run(code_or_argv: Union[str, Sequence[str]], *, on_stdout: Optional[Callback
     except BaseException:
         c.stop()
         raise
-    c.stop(wait=False)  # the result is ready: the container's removal need not delay it
+    # the result is ready: the container's removal need not delay it (but an image's
+    # container layer must be gone when we return, so the image can be removed at once)
+    c.stop(wait=not c.spec.image)
     return result

@@ -41,6 +41,28 @@ def _describe(key: str, value: Any) -> str:
     return f"{flag} {value}"
 
 
+#: options that mean nothing without a namespace, and the namespace each needs
+_NEEDS_NAMESPACE = (("hostname", "uts", "--hostname"), ("uptime", "time", "--uptime"),
+                    ("rootfs", "mnt", "--rootfs"), ("image", "mnt", "--image"))
+
+
+def _options_needing_namespaces(spec: Spec, plan: Plan, support: Dict[str, Any]) -> None:
+    """An option whose namespace this host cannot give is an error (or, with best
+    effort, a dropped option), never silently ignored."""
+    for key, ns, flag in _NEEDS_NAMESPACE:
+        value = getattr(spec, key, None)
+        if value is None or ns in plan.namespaces:
+            continue
+        reason = plan.dropped_namespaces.get(ns) or support[ns][1] or f"the {ns} namespace is off"
+        what = f"{flag} {value}"
+        if key in ("rootfs", "image") or not spec.best_effort:
+            fix = support[ns][2] or f"drop --no-ns {ns}"
+            raise UnsupportedError(what, f"needs a {ns} namespace, and {reason}",
+                                   fix + ("" if key in ("rootfs", "image") else
+                                          " — or pass --best-effort to run without it"))
+        plan.dropped[key] = f"needs a {ns} namespace: {reason}"
+
+
 def make_plan(spec: Spec) -> Plan:
     support = probe.namespaces()
     namespaces, dropped_ns = [], {}
@@ -60,6 +82,7 @@ def make_plan(spec: Spec) -> Plan:
             namespaces.remove(name)
             dropped_ns[name] = support["user"][1]
     plan = Plan(namespaces=namespaces, dropped_namespaces=dropped_ns)
+    _options_needing_namespaces(spec, plan, support)
 
     backend = cgroups.backend()
     have = backend.controllers()
@@ -78,7 +101,12 @@ def make_plan(spec: Spec) -> Plan:
         if not spec.best_effort:
             raise UnsupportedError(_describe(key, raw), reason,
                                    (missing.fix or "") + " — or pass --best-effort to run without it")
-        if key in ("memory", "cpuset") or (key == "pids" and os.geteuid() != 0):
+        if key == "pids" and "user" not in plan.namespaces:
+            # RLIMIT_NPROC counts processes per user and user namespace: without a user
+            # namespace of its own, it would count every process this user has
+            plan.dropped[key] = (f"{reason}; and without a user namespace a process limit "
+                                 "would count all of this user's processes, not the container's")
+        elif key in ("memory", "cpuset") or (key == "pids" and os.geteuid() != 0):
             plan.fallback_limits[key] = raw
             plan.limits[key] = value
         else:
