@@ -18,7 +18,7 @@ from .subjects import startup_subjects
 GOALS = [("crun", 0.35), ("floor", 1.5)]
 #: pynsbook subjects judged against the goals: a *new* container running Python `pass`.
 #: A subject registered later (the warm launcher of issue 7) appends its name here.
-GOAL_CANDIDATES: List[str] = ["pynsbook-cold-pass"]
+GOAL_CANDIDATES: List[str] = ["pynsbook-cold-pass", "pynsbook-unprepared-pass"]
 PEERS = ["unshare", "bwrap", "crun", "runc", "microvm"]
 
 

@@ -179,20 +179,34 @@ def floor_subject() -> Unshare:
 
 
 class PynsbookCold(Subject):
-    """A new container per run: request to result, cleanup included."""
+    """A new container per run: request to result (its removal finishes after).
+
+    ``prepared``: as ``pynsbook.run`` does when a shape repeats, the container was started
+    ahead (a spare: namespaces, root filesystem, cgroup joined, a Python worker forked) and
+    the run adopts it; otherwise everything happens after the request.
+    """
 
     group = "pynsbook"
 
-    def __init__(self, cell: str) -> None:
+    def __init__(self, cell: str, prepared: bool = True) -> None:
         super().__init__()
         self.cell = cell
-        self.name = "pynsbook-cold-" + ("pass" if cell == "pass" else "true")
+        self.prepared = prepared
+        self.name = ("pynsbook-cold-" if prepared else "pynsbook-unprepared-") + \
+            ("pass" if cell == "pass" else "true")
         what = "Python cell `pass`" if cell == "pass" else "/bin/true"
-        self.label = f"pynsbook new container, {what}"
+        self.label = (f"pynsbook new container, {what}" +
+                      (" (prepared ahead)" if prepared else " (nothing prepared)"))
 
     def once(self) -> None:
+        from ..engine import pool
         from ..engine.container import run
-        r = run("pass" if self.cell == "pass" else ["/bin/true"], **CONTAINER_OPTIONS)
+        argv = "pass" if self.cell == "pass" else ["/bin/true"]
+        if self.prepared:
+            r = run(argv, **CONTAINER_OPTIONS)
+        else:
+            with pool.bypassed():
+                r = run(argv, **CONTAINER_OPTIONS)
         _ok(r)
 
 
@@ -357,6 +371,8 @@ register("ns-all", lambda **o: Unshare("ns-all", tuple(libc.NS_FLAGS), "unshare 
          "fork, unshare of all eight kinds, fork, exit")
 register("pynsbook-cold-pass", lambda **o: PynsbookCold("pass"), "new container, Python `pass`")
 register("pynsbook-cold-true", lambda **o: PynsbookCold("true"), "new container, /bin/true")
+register("pynsbook-unprepared-pass", lambda **o: PynsbookCold("pass", prepared=False),
+         "new container made after the request, Python `pass`")
 register("pynsbook-warm-pass", lambda **o: PynsbookWarm("pass"), "running container, Python `pass`")
 register("pynsbook-warm-true", lambda **o: PynsbookWarm("true"), "running container, /bin/true")
 register("unshare", lambda **o: unshare_peer(), "unshare -pfnmiu --mount-proc true")

@@ -24,7 +24,7 @@ from ..linux.ids import write_id_maps
 from ..linux.mountinfo import read_mountinfo
 from ..results import RunResult, Stats
 from ..spec import Spec, make_spec
-from . import pool, protocol, spawn
+from . import background, pool, protocol, spawn
 from .plan import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class Container:
         self._repl: Optional[_Repl] = None  # the persistent Python worker
         self._fresh: Optional[_Repl] = None  # a one-shot Python worker forked ahead
         self._spare = False  # started by the pool, waiting to be adopted
+        self._pool_key: Optional[tuple] = None
         self.started_at: Optional[float] = None
         #: the root filesystem's layers, top first (None: the host's files under overlays)
         self.lowers: Optional[List[str]] = [spec.rootfs] if spec.rootfs else None
@@ -191,18 +192,18 @@ class Container:
         return self._started(key)
 
     def _started(self, key: Optional[tuple]) -> "Container":
-        if not self._spare:  # a spare's socket is read by whoever adopts it
+        if self._reader is None:  # an adopted spare's reader goes on serving the adopter
             self._reader = threading.Thread(target=self._read_events, daemon=True,
                                             name=f"pynsbook-{self.name}")
             self._reader.start()
-        elif _PREFORK:  # and its first Python run finds a worker waiting
+        if self._spare and _PREFORK:  # its first Python run finds a worker waiting
             self._fresh = self._start_worker()
         if self.spec.name:
             with _REGISTRY_LOCK:
                 _REGISTRY[self.spec.name] = self
         _LIVE.add(self)
         self.started_at = time.time()
-        pool.refill(key, self.spec)
+        self._pool_key = key  # a spare of this shape is prepared once this one is done
         return self
 
     def _adopt(self, spare: "Container", plan: Plan) -> None:
@@ -210,8 +211,10 @@ class Container:
         _LIVE.discard(spare)
         self._shim, self._sock, self.init_pid, self.cgroup = (spare._shim, spare._sock,
                                                               spare.init_pid, spare.cgroup)
+        # the spare's event reader fills these same objects: they become ours
         self._jobs, self._ids, self._fresh = spare._jobs, spare._ids, spare._fresh
-        spare._shim = spare._sock = spare.cgroup = spare._fresh = None
+        self._dead, self._reader = spare._dead, spare._reader
+        spare._shim = spare._sock = spare.cgroup = spare._fresh = spare._reader = None
         spare._stopped = True
         if self.cgroup is not None and plan.cgroup_limits:
             try:
@@ -315,11 +318,11 @@ class Container:
             pass
         if wait:
             self._cleanup()
-            return
-        self._end()
-        t = threading.Thread(target=self._cleanup, daemon=True, name="pynsbook-cleanup")
-        _CLEANUPS.add(t)
-        t.start()
+        else:
+            self._end()
+            background.submit(self._cleanup)
+        # prepared after this one is gone, so it never competes with a running cell
+        pool.refill(self._pool_key, self.spec)
 
     def _end(self) -> None:
         """Tell the init to end the container now (the first, quick part of clean-up)."""
@@ -357,7 +360,6 @@ class Container:
                 del _REGISTRY[self.name]
         _LIVE.discard(self)
         self._dead.set()
-        _CLEANUPS.discard(threading.current_thread())
 
     def __enter__(self) -> "Container":
         if self._shim is None:
@@ -819,7 +821,6 @@ def _cpu_list(cpuset: str) -> List[int]:
 
 
 _LIVE: "weakref.WeakSet[Container]" = weakref.WeakSet()
-_CLEANUPS: "set[threading.Thread]" = set()  # background clean-ups (stop(wait=False))
 
 
 @atexit.register
@@ -831,8 +832,7 @@ def _stop_all() -> None:
             c.stop(timeout=0.2)
         except BaseException:
             pass
-    for t in list(_CLEANUPS):
-        t.join(5)
+    background.drain(10)
     spawn.shutdown()
 
 
@@ -862,5 +862,5 @@ def run(code_or_argv: Union[str, Sequence[str]], *, on_stdout: Optional[Callback
         raise
     # the result is ready: the container's removal need not delay it (but an image's
     # container layer must be gone when we return, so the image can be removed at once)
-    c.stop(wait=not c.spec.image)
+    c.stop(wait=bool(c.spec.image))
     return result

@@ -31,6 +31,20 @@ _starts: Dict[Tuple, int] = {}
 _enabled = os.environ.get("PYNSBOOK_POOL", "1") != "0"
 
 
+_bypass = threading.local()
+
+
+class bypassed:
+    """``with pool.bypassed():`` starts in this thread neither take nor leave spares (to
+    measure the cold path beside the prepared one, without draining the pool)."""
+
+    def __enter__(self) -> None:
+        _bypass.on = True
+
+    def __exit__(self, *exc: object) -> None:
+        _bypass.on = False
+
+
 def set_enabled(enabled: bool) -> None:
     """Turn spares on or off; off stops the spares that wait."""
     global _enabled
@@ -48,7 +62,7 @@ def shape(spec: "Spec", plan: "Plan") -> Optional[Tuple]:
 
 def take(key: Optional[Tuple]) -> Optional["Container"]:
     """A ready spare of this shape (removed from the pool), or None."""
-    if key is None or not _enabled:
+    if key is None or not _enabled or getattr(_bypass, "on", False):
         return None
     with _lock:
         _starts[key] = _starts.get(key, 0) + 1
@@ -61,7 +75,7 @@ def take(key: Optional[Tuple]) -> Optional["Container"]:
 
 def refill(key: Optional[Tuple], spec: "Spec") -> None:
     """Start a spare of this shape in the background, if the shape is used often."""
-    if key is None or not _enabled:
+    if key is None or not _enabled or getattr(_bypass, "on", False):
         return
     with _lock:
         if key in _spares or _starts.get(key, 0) < WARM_AFTER:
@@ -69,8 +83,8 @@ def refill(key: Optional[Tuple], spec: "Spec") -> None:
         if len(_spares) >= MAX_SHAPES:
             return
         _spares[key] = None  # type: ignore[assignment]  # reserved: one refill at a time
-    threading.Thread(target=_start_spare, args=(key, spec), daemon=True,
-                     name="pynsbook-spare").start()
+    from . import background
+    background.submit(_start_spare, key, spec)
 
 
 def _start_spare(key: Tuple, spec: "Spec") -> None:
