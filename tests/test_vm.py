@@ -236,3 +236,16 @@ def test_lane_runner_fails_a_lane_that_times_out(prepared) -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "root" in proc.stdout and "timed out" in proc.stdout
     assert not qemu_pids() - before_pids and not share_dirs() - before_dirs
+
+
+def test_shares_of_dead_owners_are_swept_and_live_ones_kept(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / "pynsbook-vm-stale", tmp_path / "pynsbook-vm-live"
+    for path, pid in ((stale, dead.pid), (live, os.getpid())):
+        (path / "out").mkdir(parents=True)
+        (path / "owner").write_text(f"{pid}\n")
+    assert vm.qemu.sweep_stale_shares() == [stale]
+    assert live.is_dir() and not stale.exists()

@@ -183,8 +183,11 @@ def boot(kernel: Kernel, initramfs: Path, script: str, *, accel: str = "auto",
         raise ValueError(f"accel must be auto, kvm or tcg, not {accel!r}")
     ready_timeout = timeout if ready_timeout is None else min(ready_timeout, timeout)
 
+    sweep_stale_shares()
     share = Path(tempfile.mkdtemp(prefix="pynsbook-vm-"))
     try:
+        (share / "owner").write_text(f"{os.getpid()}\n")
+        os.chmod(share, 0o755)  # the guest's unprivileged users reach out/ through it
         (share / "out").mkdir()
         os.chmod(share / "out", 0o777)
         exports = {"PYNSBOOK_VM_OUT": GUEST_OUT, "PYNSBOOK_VM_ACCEL": accel, **(env or {})}
@@ -197,6 +200,25 @@ def boot(kernel: Kernel, initramfs: Path, script: str, *, accel: str = "auto",
         return result
     finally:
         shutil.rmtree(share, ignore_errors=True)
+
+
+def sweep_stale_shares() -> List[Path]:
+    """Remove share directories left by boots whose Python was SIGKILLed (its QEMU died
+    with it, through PR_SET_PDEATHSIG, but nothing could remove the directory)."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob("pynsbook-vm-*"):
+        try:
+            pid = int((path / "owner").read_text())
+        except (OSError, ValueError):
+            # no owner file: older than this format, or being created right now
+            if time.time() - path.stat().st_mtime < 3600:
+                continue
+            pid = 0
+        if pid and Path(f"/proc/{pid}").exists():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _run(cmd: List[str], accel: str, timeout: float, ready_timeout: float,
