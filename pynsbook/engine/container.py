@@ -90,6 +90,21 @@ def _create_cgroup(name: str) -> cgroups.Cgroup:
     raise AssertionError("unreachable")
 
 
+def _kept_paths() -> List[str]:
+    """Directories under /tmp and /run (fresh in a container) that the host view keeps:
+    this Python's environment, pynsbook itself and the working directory, so a cell can
+    import what the notebook can and open files next to it."""
+    wanted = {sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+              spawn.PKG_PARENT, os.getcwd()}
+    wanted.update(p for p in sys.path if p)
+    out: List[str] = []
+    for p in sorted(os.path.realpath(p) for p in wanted):
+        if (p.startswith("/tmp/") or p.startswith("/run/")) and os.path.isdir(p) \
+                and not any(p == q or p.startswith(q + "/") for q in out):
+            out.append(p)
+    return out
+
+
 class _Job:
     """One process a container runs (or one request to its persistent interpreter)."""
 
@@ -237,6 +252,7 @@ class Container:
             "lowers": self.lowers,
             "upper": self.upper_dir,
             "copy_root": self.copy_root,
+            "keep": _kept_paths(),
             "uptime": self.spec.uptime,
             "cgroup_mounts": _cgroup_mounts() if "cgroup" in ns else [],
         }

@@ -46,7 +46,7 @@ def setup(cfg: Dict[str, Any]) -> None:
     if "mnt" in ns:
         from ..linux.rootfs import RootBuilder
         RootBuilder(cfg.get("lowers"), sorted(ns), cfg.get("cgroup_mounts") or [],
-                    cfg.get("upper"), cfg.get("copy_root")).build()
+                    cfg.get("upper"), cfg.get("copy_root"), cfg.get("keep") or ()).build()
 
 
 class Init:

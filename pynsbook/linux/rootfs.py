@@ -59,11 +59,14 @@ class RootBuilder:
 
     def __init__(self, lowers: Optional[Sequence[str]], namespaces: Sequence[str],
                  cgroup_mounts: Sequence[Dict[str, str]], upper: Optional[str] = None,
-                 copy_root: Optional[str] = None) -> None:
+                 copy_root: Optional[str] = None, keep: Sequence[str] = ()) -> None:
         self.lowers = list(lowers or [])  # top layer first, as overlayfs's lowerdir lists them
         self.upper = upper
         #: a private, writable copy to use as the root as it is (where overlayfs is refused)
         self.copy_root = copy_root
+        #: host directories under /tmp or /run to show through the container's fresh ones
+        #: (the notebook's Python environment and working directory may live there)
+        self.keep = [] if lowers or copy_root else list(keep)
         self.ns = set(namespaces)
         self.cgroup_mounts = cgroup_mounts
         self.root = os.path.join(SCRATCH, "root")
@@ -228,6 +231,12 @@ class RootBuilder:
         lower_fds = [os.open(d, os.O_RDONLY | os.O_DIRECTORY)
                      for d in self.lowers or [self.copy_root or "/"]]
         upper_fd = os.open(self.upper, os.O_RDONLY | os.O_DIRECTORY) if self.upper else -1
+        keep_fds = []
+        for path in self.keep:
+            try:
+                keep_fds.append((path, os.open(path, os.O_RDONLY | os.O_DIRECTORY)))
+            except OSError:
+                pass  # gone, or not ours to read: nothing to show
         try:
             libc.mount("tmpfs", SCRATCH, "tmpfs", _NOSUID_NODEV, "mode=0755")
             os.mkdir(self.root)
@@ -248,6 +257,11 @@ class RootBuilder:
         self._dev()
         libc.mount("tmpfs", self.root + "/tmp", "tmpfs", _NOSUID_NODEV, "mode=1777")
         libc.mount("tmpfs", self.root + "/run", "tmpfs", _NOSUID_NODEV, "mode=755")
+        for path, fd in keep_fds:  # under their own throwaway overlay, like the rest
+            target = self.root + path
+            os.makedirs(target, exist_ok=True)
+            self._layer_or_bind(f"/proc/self/fd/{fd}", target)
+            os.close(fd)
         os.chdir(self.root)
         # pivot_root(".", ".") stacks the old root on top of the new one; detaching it
         # leaves only the new root (the trick runc uses: no put_old directory needed)
