@@ -172,10 +172,10 @@ def test_unknown_command_says_so():
 def test_a_working_directory_under_tmp_stays_visible_but_writes_do_not_reach_it(tmp_path, monkeypatch):
     """/tmp is fresh inside, but the notebook's own directory (and its Python, if it lives
     under /tmp) are shown through a throwaway overlay."""
-    (tmp_path / "data.txt").write_text("42")
+    (tmp_path / "data.txt").write_text("42\n")
     monkeypatch.chdir(tmp_path)
     r = pynsbook.run(["sh", "-c", "pwd; cat data.txt; echo changed > data.txt; cat data.txt; "
                       "ls /tmp | wc -l"])
     lines = r.stdout.split()
     assert lines[:3] == [str(tmp_path), "42", "changed"], r.stderr
-    assert (tmp_path / "data.txt").read_text() == "42"
+    assert (tmp_path / "data.txt").read_text() == "42\n"
