@@ -5,8 +5,8 @@ capability skips the test with the reason; but a lane that is supposed to have i
 in ``PYNSBOOK_REQUIRE`` (comma-separated), and then the skip becomes a failure, so a lane
 cannot pass by quietly skipping what it exists to test.
 
-Capabilities: root, rootless_user (root here, and able to run code as an unprivileged test
-user), cgroups (memory, cpu and pids controllers usable), cgroup_v1, cgroup_v2, userns,
+Capabilities: root, rootless_user (able to run code as an unprivileged user: the test user
+made as root, or ourselves when not root), cgroups (memory, cpu and pids controllers usable), cgroup_v1, cgroup_v2, userns,
 overlay, timens, stress_ng, busybox, qemu, browser (Debian's chromium, playwright and
 JupyterLab).
 """
@@ -42,7 +42,8 @@ def _capabilities() -> Dict[str, Tuple[bool, str]]:
     for tool, name in (("stress-ng", "stress_ng"), ("busybox", "busybox"),
                        ("qemu-system-x86_64", "qemu")):
         caps[name] = (shutil.which(tool) is not None, f"{tool} is not installed")
-    ok, why = helpers.rootless_user_available() if root else (False, "not root")
+    # as root the tests make an unprivileged user; as one already, they run as ourselves
+    ok, why = helpers.rootless_user_available() if root else (True, "")
     caps["rootless_user"] = (ok, why)
     import importlib.util
     missing = [what for what, ok in (

@@ -90,16 +90,16 @@ def test_stats_report_usage_of_a_running_container():
 @pytest.mark.needs("stress_ng")
 def test_stress_ng_runs_as_a_real_workload_under_memory_and_cpu_limits():
     r = pynsbook.run(["stress-ng", "--vm", "1", "--vm-bytes", "200M", "--vm-keep", "--timeout", "3s",
-                      "--cpu", "1", "--oomable", "--metrics-brief"], memory="64M", cpus=0.5,
-                     timeout=60)
+                      "--cpu", "1", "--oomable", "--metrics-brief", "--temp-path", "/tmp"],
+                     memory="64M", cpus=0.5, timeout=60)
     assert r.oom_killed, r  # stress-ng's vm worker wants 200M: the kernel kills it in the cgroup
     assert r.cpu_time / r.wall_time < 0.7
 
 
 @pytest.mark.needs("stress_ng")
 def test_stress_ng_within_its_limit_completes():
-    r = pynsbook.run(["stress-ng", "--vm", "1", "--vm-bytes", "16M", "--timeout", "1s"],
-                     memory="64M", cpus=1, timeout=60)
+    r = pynsbook.run(["stress-ng", "--vm", "1", "--vm-bytes", "16M", "--timeout", "1s",
+                      "--temp-path", "/tmp"], memory="64M", cpus=1, timeout=60)
     assert r.exit_code == 0 and not r.oom_killed, r.stderr
 
 

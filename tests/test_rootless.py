@@ -92,3 +92,28 @@ def test_doctor_finds_overlayfs_usable_for_the_user_through_a_user_namespace():
     out = helpers.json_as_user("import json, pynsbook; print(json.dumps(pynsbook.doctor().to_dict()))")
     assert out["overlay"]["ok"], out["overlay"]
     assert all(c["ok"] for c in out["namespaces"]), out["namespaces"]
+
+
+@pytest.mark.needs("cgroup_v2", "cgroups")
+def test_doctor_says_the_delegated_controllers_are_usable():
+    """On cgroup v2 (as root, or as a user with a delegated subtree) doctor names where the
+    containers' cgroups go and that memory, cpu and pids work there."""
+    import pynsbook
+    report = pynsbook.doctor()
+    usable = {c.name for c in report.controllers if c.ok}
+    assert {"memory", "cpu", "pids"} <= usable, report
+    assert report.cgroup_base and report.cgroup_mode == "v2"
+
+
+def test_without_user_namespaces_a_run_still_runs_and_doctor_says_why():
+    """A Binder-like host: no user namespaces for this user. The run still happens (as a
+    plain process) and doctor gives the reason and the command that would allow it."""
+    import os as _os
+    import pynsbook
+    from pynsbook import probe
+    if _os.geteuid() == 0 or probe.namespaces()["user"][0]:
+        pytest.skip("this host gives this user namespaces (the no-privilege VM lane has none)")
+    r = pynsbook.run(["sh", "-c", "echo hi"])
+    assert r.ok and r.stdout == "hi\n" and r.namespaces == []
+    user = next(c for c in pynsbook.doctor().namespaces if c.name == "user")
+    assert not user.ok and user.reason and user.fix

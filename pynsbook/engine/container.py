@@ -501,9 +501,10 @@ class Container:
 
     def _base_msg(self, env: Optional[Dict[str, str]], workdir: Optional[str]) -> Dict[str, Any]:
         assert self.plan is not None
-        msg: Dict[str, Any] = {"op": "exec", "env": self._env(env),
-                               "workdir": workdir or self.spec.workdir or
-                               (os.getcwd() if self.lowers is None else "/")}
+        asked = workdir or self.spec.workdir
+        msg: Dict[str, Any] = {"op": "exec", "env": self._env(env), "workdir_asked": bool(asked),
+                               "workdir": asked or (os.getcwd() if self.lowers is None and
+                                                    self.copy_root is None else "/")}
         fb = self.plan.fallback_limits
         if "pids" in fb:
             msg["rlimits"] = {"nproc": fb["pids"]}
@@ -617,6 +618,7 @@ class Container:
             if repl.oneshot:
                 base = self._base_msg(env, workdir)
                 msg.update(last=True, env=base["env"], workdir=base["workdir"],
+                           workdir_asked=base["workdir_asked"],
                            rlimits=base.get("rlimits"), cpus_affinity=base.get("cpus_affinity"))
         fb = self.plan.fallback_limits
         before = self.cgroup.counters() if self.cgroup else None

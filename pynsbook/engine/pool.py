@@ -57,7 +57,8 @@ def shape(spec: "Spec", plan: "Plan") -> Optional[Tuple]:
     """What a spare must match; None for containers that are never pooled."""
     if spec.rootfs or getattr(spec, "image", None):
         return None  # their layers and container layer belong to one container
-    return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup)
+    from .container import _kept_paths  # a spare shows the directories kept at its start
+    return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup, tuple(_kept_paths()))
 
 
 def take(key: Optional[Tuple]) -> Optional["Container"]:

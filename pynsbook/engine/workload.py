@@ -57,12 +57,23 @@ def _prepare(msg: Dict[str, Any], fds: List[int]) -> None:
         resource.setrlimit(_RLIMITS[name], (int(value), int(value)))
     if msg.get("cpus_affinity"):
         os.sched_setaffinity(0, msg["cpus_affinity"])
-    try:
-        os.chdir(msg.get("workdir") or "/")
-    except OSError:
-        os.chdir("/")
+    _chdir(msg)
     os.environ.clear()
     os.environ.update(msg.get("env") or {})
+
+
+def _chdir(msg: Dict[str, Any]) -> None:
+    """An asked-for working directory is made if missing (as docker run -w does); the
+    default one (the notebook's) may not exist here, and then it is /."""
+    workdir = msg.get("workdir") or "/"
+    if msg.get("workdir_asked"):
+        os.makedirs(workdir, exist_ok=True)
+    try:
+        os.chdir(workdir)
+    except OSError:
+        if msg.get("workdir_asked"):
+            raise
+        os.chdir("/")
 
 
 def _redirect(msg: Dict[str, Any], fds: List[int]) -> None:
@@ -158,10 +169,7 @@ def _apply_process_settings(req: Dict[str, Any]) -> None:
         os.environ.clear()
         os.environ.update(req["env"])
     if req.get("workdir"):
-        try:
-            os.chdir(req["workdir"])
-        except OSError:
-            os.chdir("/")
+        _chdir(req)
     for name, value in (req.get("rlimits") or {}).items():
         resource.setrlimit(_RLIMITS[name], (int(value), int(value)))
     if req.get("cpus_affinity"):

@@ -40,7 +40,7 @@ FAIL_MARKER = "@@PYNSBOOK-VM-FAIL@@"
 #: Where the guest finds the writable share, the payload and busybox after the switch.
 GUEST_DIR = "/run/pynsbook-vm"
 
-_FORMAT_VERSION = "6"
+_FORMAT_VERSION = "7"
 
 # Stage 1 runs from the initramfs: load modules, mount the shares, move the host root
 # onto / and hand over to stage 2 inside it. KEY=value words of the kernel command line
@@ -58,8 +58,18 @@ done < /modules.list
 busybox mkdir -p /newroot
 busybox mount -t 9p -o "trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000" \
     "${pynsbook_root_tag:-hostroot}" /newroot || fail "cannot mount the host root over 9p"
+# A host directory under /tmp or /run (a checkout there, say: pynsbook_keep=PATH) must
+# stay visible through the guest's fresh ones: hold it aside, then put it back.
+if [ -n "$pynsbook_keep" ]; then
+    busybox mkdir -p /keep && busybox mount --bind "/newroot$pynsbook_keep" /keep ||
+        fail "cannot keep $pynsbook_keep"
+fi
 busybox mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || fail "no /tmp in the host root"
 busybox mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "no /run in the host root"
+if [ -n "$pynsbook_keep" ]; then
+    busybox mkdir -p "/newroot$pynsbook_keep" && busybox mount --move /keep "/newroot$pynsbook_keep" ||
+        fail "cannot put back $pynsbook_keep"
+fi
 busybox mkdir -p /newroot/GUEST_DIR/share
 busybox mount -t 9p -o "trans=virtio,version=9p2000.L,cache=none,msize=512000" \
     "${pynsbook_share_tag:-share}" /newroot/GUEST_DIR/share || fail "cannot mount the share"
@@ -85,7 +95,7 @@ $BB mkdir -p /dev/pts /dev/shm /dev/mqueue
 $BB mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
 [ -e /dev/ptmx ] || $BB ln -s pts/ptmx /dev/ptmx
 $BB mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-$BB mount -t tmpfs -o mode=1777 tmpfs /var/tmp 2>/dev/null
+case "$pynsbook_keep" in /var/tmp/*) ;; *) $BB mount -t tmpfs -o mode=1777 tmpfs /var/tmp 2>/dev/null ;; esac
 $BB mount -t mqueue mqueue /dev/mqueue 2>/dev/null
 $BB ln -sf /proc/self/fd /dev/fd 2>/dev/null
 $BB ip link set lo up

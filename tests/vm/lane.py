@@ -66,6 +66,14 @@ def lane_selection(lane: str, path: Path = SELECTION_FILE) -> List[str]:
     return list(DEFAULT_SELECTION)
 
 
+def _keep_args() -> List[str]:
+    """A checkout under /tmp, /run or /var/tmp (fresh in the guest) is kept visible."""
+    repo = str(REPO.resolve())
+    if any(repo.startswith(p) for p in ("/tmp/", "/run/", "/var/tmp/")) and " " not in repo:
+        return [f"pynsbook_keep={repo}"]
+    return []
+
+
 def pytest_summary(lines: List[str]) -> str:
     """pytest's final ``=== 3 passed, 1 skipped in 9.1s ===`` line, without the rulers."""
     for line in reversed(lines):
@@ -88,6 +96,7 @@ def run_lane(lane: str, kernel: "vm.Kernel", initramfs: Path, accel: str, python
     for attempt in (1, 2):
         try:
             result = vm.boot(kernel, initramfs, script, accel=accel, timeout=timeout,
+                             kernel_args=_keep_args(),
                              ready_timeout=min(timeout, 120.0), env=env,
                              on_line=lambda s: print(f"[{lane}] {s.rsplit(chr(13), 1)[-1]}", flush=True))
         except vm.BootTimeout as err:
