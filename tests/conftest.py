@@ -61,6 +61,10 @@ def pytest_configure(config: pytest.Config) -> None:
     _CAPS.update(_capabilities())
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    helpers.remove_created_users()  # the machine is left with the users it had
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     required = {c for c in os.environ.get("PYNSBOOK_REQUIRE", "").split(",") if c}
     for mark in item.iter_markers("needs"):

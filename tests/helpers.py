@@ -84,6 +84,16 @@ def _cmd(pid: int) -> str:
         return str(pid)
 
 
+#: users this test session created (removed again at its end)
+CREATED: List[str] = []
+
+
+def remove_created_users() -> None:
+    for user in CREATED:
+        subprocess.run(["userdel", user], capture_output=True)
+    CREATED.clear()
+
+
 def rootless_user_available() -> Tuple[bool, str]:
     """Create the unprivileged test user if needed (only as root) and check it can run us."""
     try:
@@ -93,6 +103,7 @@ def rootless_user_available() -> Tuple[bool, str]:
                             "/usr/sbin/nologin", TEST_USER], capture_output=True, text=True)
         if r.returncode != 0:
             return False, f"cannot create the test user: {r.stderr.strip()}"
+        CREATED.append(TEST_USER)
     r = run_as_user("import pynsbook, psutil; print('{}')", check=False)
     if r.returncode != 0:
         return False, (f"the test user cannot run {sys.executable} with pynsbook "
