@@ -282,7 +282,8 @@ def test_oci_image_runs_with_its_config(store, tmp_path, no_leaks):
             "for n in ds + fs))")
     r = pynsbook.run(code, image="t")
     assert r.exit_code == 0, r.stderr
-    assert r.stdout.splitlines()[0] == "- hello"
+    # the image's WorkingDir (/srv) is made when missing, as docker run does
+    assert r.stdout.splitlines()[0] == "/srv hello"
     assert eval(r.stdout.splitlines()[1]) == [p for p in EXPECTED if not p.startswith("bin")]
 
 
