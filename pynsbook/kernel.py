@@ -31,17 +31,7 @@ _LIMIT_OPTIONS = spec_mod.LIMIT_KEYS + ("best_effort",)
 
 def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
     """The limit options of the one option table (a kernel has no namespaces or name)."""
-    for opt in spec_mod.OPTIONS:
-        if opt.key not in _LIMIT_OPTIONS:
-            continue
-        if opt.switch:
-            p.add_argument(*opt.flags, dest=opt.key, action="store_true", default=None,
-                           help=opt.help)
-        elif opt.repeat:
-            p.add_argument(*opt.flags, dest=opt.key, action="append", metavar=opt.metavar,
-                           help=opt.help)
-        else:
-            p.add_argument(*opt.flags, dest=opt.key, metavar=opt.metavar, help=opt.help)
+    spec_mod.add_arguments(p, keys=_LIMIT_OPTIONS)
 
 
 def _limit_argv(args: argparse.Namespace) -> List[str]:

@@ -9,7 +9,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import OptionError
 
@@ -432,9 +432,12 @@ def _assemble(parsed: Dict[str, Any], base: Spec, cli: bool) -> Spec:
     return spec
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every option of the table to an argparse parser (values stay raw strings)."""
+def add_arguments(parser: argparse.ArgumentParser, keys: Optional[Sequence[str]] = None) -> None:
+    """Add the options of the table (all, or those named by ``keys``) to an argparse parser
+    (values stay raw strings)."""
     for opt in OPTIONS:
+        if keys is not None and opt.key not in keys:
+            continue
         if opt.switch:
             parser.add_argument(*opt.flags, dest=opt.key, action="store_true", default=None,
                                 help=opt.help)

@@ -208,11 +208,7 @@ def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
         except KeyboardInterrupt:
             traceback.print_exc()
         finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            except BaseException:
-                pass
+            _flush()
             for target in (0, 1, 2):
                 os.dup2(null, target)
             for fd in rfds:
@@ -222,6 +218,14 @@ def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
         protocol.send(sock, {"id": req["id"], "status": status})
         if req.get("last"):
             return status
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass  # a closed pipe: nobody is reading any more
 
 
 def _exec_argv(argv: List[str]) -> int:
@@ -256,9 +260,5 @@ def run_workload(msg: Dict[str, Any], fds: List[int]) -> None:
         except BaseException:
             pass
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
-            pass
+        _flush()
         os._exit(status)
