@@ -66,6 +66,15 @@ def lane_selection(lane: str, path: Path = SELECTION_FILE) -> List[str]:
     return list(DEFAULT_SELECTION)
 
 
+def _always(selected: List[str]) -> List[str]:
+    """ALWAYS, but with nbval loaded when the selection runs notebooks."""
+    out = list(ALWAYS)
+    if any(a.startswith("--nbval") for a in selected):
+        i = out.index("no:nbval")
+        del out[i - 1:i + 1]  # the "-p" before it too
+    return out
+
+
 def _keep_args() -> List[str]:
     """A checkout under /tmp, /run or /var/tmp (fresh in the guest) is kept visible."""
     repo = str(REPO.resolve())
@@ -193,7 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.quick:
                 selected = ["-x", *selected]
             summaries.append(run_lane(lane, kernel, initramfs, accel, args.python,
-                                      ALWAYS + selected, min(args.timeout, left),
+                                      _always(selected) + selected, min(args.timeout, left),
                                       args.checks_only, args.junit_dir))
     except KeyboardInterrupt:
         print("lane: interrupted; QEMU killed", file=sys.stderr)
