@@ -11,7 +11,7 @@ import importlib
 import json
 import signal
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import spec as spec_mod
 from .errors import PynsbookError
@@ -66,6 +66,14 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def echo(stream: Any) -> Callable[[str], None]:
+    """A run callback that writes a container's output to ``stream`` as it arrives."""
+    def write(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+    return write
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -82,13 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise _Usage("run needs a command after --, like: pynsbook run --mem 64M -- python3 -c 'print(1)'")
     spec = spec_mod.spec_from_args(args)
 
-    def on_out(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def on_err(text: str) -> None:
-        sys.stderr.write(text)
-        sys.stderr.flush()
+    on_out, on_err = echo(sys.stdout), echo(sys.stderr)
 
     # SIGTERM to us stops the container the way Ctrl-C does: INT, TERM, then KILL
     signal.signal(signal.SIGTERM, _interrupt)

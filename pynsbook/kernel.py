@@ -172,13 +172,8 @@ def launch(spec: spec_mod.Spec, command: List[str]) -> int:
     def on_start(c: Any, rid: str) -> None:
         started.update(c=c, rid=rid)
 
-    def out(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def err(text: str) -> None:
-        sys.stderr.write(text)
-        sys.stderr.flush()
+    from .cli import echo
+    out, err = echo(sys.stdout), echo(sys.stderr)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)

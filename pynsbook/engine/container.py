@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import codecs
+import functools
 import itertools
 import os
 import secrets
@@ -90,15 +91,21 @@ def _create_cgroup(name: str) -> cgroups.Cgroup:
     raise AssertionError("unreachable")
 
 
+@functools.lru_cache(maxsize=4)
+def _python_dirs(sys_path: tuple) -> frozenset:
+    """This Python's environment and pynsbook itself (resolved once per sys.path)."""
+    wanted = {sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+              spawn.PKG_PARENT}
+    wanted.update(p for p in sys_path if p)
+    return frozenset(os.path.realpath(p) for p in wanted)
+
+
 def _kept_paths() -> List[str]:
     """Directories under /tmp and /run (fresh in a container) that the host view keeps:
     this Python's environment, pynsbook itself and the working directory, so a cell can
     import what the notebook can and open files next to it."""
-    wanted = {sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
-              spawn.PKG_PARENT, os.getcwd()}
-    wanted.update(p for p in sys.path if p)
     out: List[str] = []
-    for p in sorted(os.path.realpath(p) for p in wanted):
+    for p in sorted(_python_dirs(tuple(sys.path)) | {os.path.realpath(os.getcwd())}):
         if (p.startswith("/tmp/") or p.startswith("/run/")) and os.path.isdir(p) \
                 and not any(p == q or p.startswith(q + "/") for q in out):
             out.append(p)
@@ -153,6 +160,7 @@ class Container:
         self._fresh: Optional[_Repl] = None  # a one-shot Python worker forked ahead
         self._spare = False  # started by the pool, waiting to be adopted
         self._pool_key: Optional[tuple] = None
+        self._keep: tuple = ()
         self.started_at: Optional[float] = None
         #: the root filesystem's layers, top first (None: the host's files under overlays)
         self.lowers: Optional[List[str]] = [spec.rootfs] if spec.rootfs else None
@@ -180,7 +188,9 @@ class Container:
                                           f"(stop it with %container stop {self.name})")
         _reap_stale_once()
         self.plan = plan = make_plan(self.spec)
-        key = pool.shape(self.spec, plan) if not self._spare else None
+        if not self._spare:  # once per start: the pool's shape and the config
+            self._keep = tuple(_kept_paths())
+        key = pool.shape(self.spec, plan, self._keep) if not self._spare else None
         spare = pool.take(key)
         if spare is not None:
             try:
@@ -252,7 +262,7 @@ class Container:
             "lowers": self.lowers,
             "upper": self.upper_dir,
             "copy_root": self.copy_root,
-            "keep": _kept_paths(),
+            "keep": list(self._keep),
             "uptime": self.spec.uptime,
             "cgroup_mounts": _cgroup_mounts() if "cgroup" in ns else [],
         }

@@ -53,12 +53,12 @@ def set_enabled(enabled: bool) -> None:
         drain()
 
 
-def shape(spec: "Spec", plan: "Plan") -> Optional[Tuple]:
+def shape(spec: "Spec", plan: "Plan", keep: Tuple[str, ...] = ()) -> Optional[Tuple]:
     """What a spare must match; None for containers that are never pooled."""
     if spec.rootfs or getattr(spec, "image", None):
         return None  # their layers and container layer belong to one container
-    from .container import _kept_paths  # a spare shows the directories kept at its start
-    return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup, tuple(_kept_paths()))
+    # a spare shows the directories it kept visible when it started (``keep``)
+    return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup, tuple(keep))
 
 
 def take(key: Optional[Tuple]) -> Optional["Container"]:
@@ -97,6 +97,7 @@ def _start_spare(key: Tuple, spec: "Spec") -> None:
     try:
         spare = Container(spec=base)
         spare._spare = True
+        spare._keep = key[3]  # what the shape promises, whatever the cwd is by now
         spare.start()
     except BaseException:
         with _lock:

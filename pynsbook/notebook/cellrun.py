@@ -25,7 +25,6 @@ from ..engine.container import Container, containers
 from ..errors import ContainerError
 from ..results import RunResult
 from ..spec import LIMIT_KEYS, Spec
-from . import plot
 
 #: per-run and per-container options a running named container can still take
 _PER_RUN = ("timeout", "env", "workdir", "name")
@@ -120,7 +119,7 @@ class CellRun:
         self.error: Optional[BaseException] = None
         self._done = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._samples: Optional[plot.Samples] = None
+        self._samples: Optional[Any] = None  # a pynsbook.monitor.Monitor for --plot
         self._inputs = self._collect_inputs()
 
     # -- public handle (what --proc VAR holds) --------------------------------------------
@@ -175,8 +174,8 @@ class CellRun:
         common: Dict[str, Any] = dict(on_stdout=out, on_stderr=err, timeout=self.spec.timeout,
                                       env=dict(self.spec.env) or None, workdir=self.spec.workdir)
         if self.args.plot:
-            self._samples = plot.Samples(c)
-            self._samples.start()
+            from ..monitor import Monitor
+            self._samples = Monitor(c, rate=20).start()
         try:
             if self.args.bash:
                 env = dict(common.pop("env") or {})
@@ -202,7 +201,9 @@ class CellRun:
         if self.args.stats:
             write_out(f"pynsbook: {result.summary()}\n")
         if self.args.plot and self._samples is not None:
-            self._samples.show(result)
+            from IPython.display import display
+            from ..plot import usage_figure
+            display(usage_figure(self._samples.series, result.limits, title=result.describe()))
 
     def failure(self, result: RunResult) -> Optional[str]:
         if result.ok:
