@@ -19,7 +19,7 @@ import socket
 import sys
 from typing import Any, Dict, List
 
-from ..cgroups.base import TOP, remove_tree
+from ..cgroups.base import remove_tree
 from ..errors import ContainerError
 from ..linux import ids, libc
 from . import protocol
@@ -65,9 +65,6 @@ def remove_cgroups(dirs: List[str]) -> None:
     for session in {os.path.dirname(d) for d in dirs}:
         try:
             os.rmdir(session)  # the session's last container: the client may be gone too
-            top = os.path.dirname(session)
-            if os.path.basename(top) == TOP:
-                os.rmdir(top)  # and pynsbook's own parent, when no other session uses it
         except OSError:
             pass
 
