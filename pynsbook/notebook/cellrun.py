@@ -201,9 +201,10 @@ class CellRun:
         if self.args.stats:
             write_out(f"pynsbook: {result.summary()}\n")
         if self.args.plot and self._samples is not None:
-            from IPython.display import display
+            from IPython.display import Image, display
             from ..plot import usage_figure
-            display(usage_figure(self._samples.series, result.limits, title=result.describe()))
+            fig = usage_figure(self._samples.series, result.limits, title=result.describe())
+            display(Image(data=fig._repr_png_(), format="png"))  # a PNG, whatever the backend
 
     def failure(self, result: RunResult) -> Optional[str]:
         if result.ok:
