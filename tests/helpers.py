@@ -44,7 +44,7 @@ def snapshot() -> Dict[str, Any]:
         ours.update({c._shim.pid if c._shim else None, c.init_pid})
         ours.update(p.pid for p in _descendants(c.init_pid))
         if c.cgroup is not None:
-            spare_cgroups.update(os.path.dirname(f) for f in c.cgroup.procs_files)
+            spare_cgroups.update(os.path.dirname(f) for f in c.cgroup.join_files)
     children = {p.pid for p in me.children(recursive=True)} - ours
     return {"children": children, "spare_cgroups": spare_cgroups,
             "mounts": _mounts(), "cgroups": set(our_cgroup_dirs()) - spare_cgroups}

@@ -190,8 +190,8 @@ def _kill_and_rmdir(directory: str) -> None:
 class Cgroup(abc.ABC):
     """One container's cgroup (across v1 hierarchies, or one v2 directory)."""
 
-    #: files the container's init writes its PID to, to join the cgroup
-    procs_files: Tuple[str, ...] = ()
+    #: files the container's init writes "0" to, to join the cgroup (it is single-threaded)
+    join_files: Tuple[str, ...] = ()
     #: a path to show users (v2 directory, or v1 memory hierarchy path)
     path: str = ""
 

@@ -123,7 +123,10 @@ class V1Cgroup(Cgroup):
     def __init__(self, dirs: Dict[str, str], backend: V1Backend) -> None:
         self.dirs = dirs
         self.backend = backend
-        self.procs_files = tuple(os.path.join(d, "cgroup.procs") for d in dirs.values())
+        # "tasks", not "cgroup.procs": moving the current thread alone skips the kernel's
+        # threadgroup lock, whose write side waits for an RCU grace period (10-20 ms per
+        # start, measured); the joining init has one thread, so the whole process moves
+        self.join_files = tuple(os.path.join(d, "tasks") for d in dirs.values())
         self.path = dirs.get(MEMORY) or next(iter(dirs.values()), "")
         self._cpuacct = dirs.get("cpuacct") or dirs.get(CPU)
 

@@ -149,7 +149,7 @@ class V2Backend(Backend):
 class V2Cgroup(Cgroup):
     def __init__(self, path: str) -> None:
         self.path = path
-        self.procs_files = (os.path.join(path, "cgroup.procs"),)
+        self.join_files = (os.path.join(path, "cgroup.procs"),)
         self._peak_fd: Optional[int] = None
 
     def _f(self, name: str) -> str:

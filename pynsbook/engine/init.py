@@ -29,7 +29,7 @@ _HANDLED = _FORWARDED + (signal.SIGCHLD,)
 def setup(cfg: Dict[str, Any]) -> None:
     """Everything between fork and ready, in the order the kernel requires."""
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the shim died: so does the container
-    for path in cfg["cgroup_procs"]:  # join before unsharing the cgroup namespace
+    for path in cfg["cgroup_join"]:  # join before unsharing the cgroup namespace
         with open(path, "w") as f:
             f.write("0")
     ns = set(cfg["namespaces"])
