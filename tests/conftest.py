@@ -7,8 +7,8 @@ cannot pass by quietly skipping what it exists to test.
 
 Capabilities: root, rootless_user (able to run code as an unprivileged user: the test user
 made as root, or ourselves when not root), cgroups (memory, cpu and pids controllers usable), cgroup_v1, cgroup_v2, userns,
-overlay, timens, stress_ng, busybox, qemu, browser (Debian's chromium, playwright and
-JupyterLab).
+overlay, timens, stress_ng, busybox, qemu, cc (a C compiler: the small compiled init),
+browser (Debian's chromium, playwright and JupyterLab).
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def _capabilities() -> Dict[str, Tuple[bool, str]]:
     for tool, name in (("stress-ng", "stress_ng"), ("busybox", "busybox"),
                        ("qemu-system-x86_64", "qemu")):
         caps[name] = (shutil.which(tool) is not None, f"{tool} is not installed")
+    from pynsbook.engine import tiny
+    caps["cc"] = (tiny._compiler() is not None, "no C compiler (apt-get install gcc libc6-dev)")
     # as root the tests make an unprivileged user; as one already, they run as ourselves
     ok, why = helpers.rootless_user_available() if root else (True, "")
     caps["rootless_user"] = (ok, why)

@@ -28,21 +28,35 @@ def our_cgroup_dirs() -> List[str]:
     out = []
     for base in bases:
         sess = os.path.join(base, TOP, session_name())
-        if os.path.isdir(sess):
-            out += [os.path.join(sess, d) for d in os.listdir(sess)
-                    if os.path.isdir(os.path.join(sess, d))]
+        try:  # a container's shim may remove the session directory meanwhile
+            names = os.listdir(sess)
+        except FileNotFoundError:
+            continue
+        out += [os.path.join(sess, d) for d in names if os.path.isdir(os.path.join(sess, d))]
     return out
+
+
+def spare_pids() -> set:
+    """The processes of the spare containers waiting in the pool (by design; not leaks)."""
+    from pynsbook.engine import pool
+    ours = set()
+    for c in pool.spares():
+        ours.update({c._shim.pid if c._shim else None, c.init_pid})
+        ours.update(p.pid for p in _descendants(c.init_pid))
+        for job in list(c._jobs.values()):  # its Python worker, ready, and what waits for it
+            ours.update({job.entrant_pid, job.host_pid})
+            ours.update(p.pid for p in _descendants(job.entrant_pid))
+    ours.discard(None)
+    return ours
 
 
 def snapshot() -> Dict[str, Any]:
     from pynsbook.engine import pool, spawn
     me = psutil.Process()
     # the launcher lives as long as this process, and spares wait to be adopted: by design
-    ours = {spawn.launcher_pid()}
+    ours = {spawn.launcher_pid()} | spare_pids()
     spare_cgroups = set()
     for c in pool.spares():
-        ours.update({c._shim.pid if c._shim else None, c.init_pid})
-        ours.update(p.pid for p in _descendants(c.init_pid))
         if c.cgroup is not None:
             spare_cgroups.update(os.path.dirname(f) for f in c.cgroup.join_files)
     children = {p.pid for p in me.children(recursive=True)} - ours

@@ -5,6 +5,7 @@ it can prove output streams while the cell still runs.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -341,8 +342,11 @@ def test_interrupt_stops_the_container_and_leaves_nothing(kernel):
     assert busy, "the running container was not found"
     assert wait_until(lambda: not any(os.path.isdir(d) for d in busy)), busy
     # the engine's warm launcher and its spare containers stay with the kernel; nothing else
-    new = lambda: [p.cmdline() for p in psutil.Process(kpid).children(recursive=True)
-                   if p.pid not in before and "pynsbook.engine.launcher" not in p.cmdline()]
+    def new() -> List[List[str]]:
+        spares = set(json.loads(kernel.ok("import json; from tests import helpers\n"
+                                          "print(json.dumps(sorted(helpers.spare_pids())))")))
+        return [p.cmdline() for p in psutil.Process(kpid).children(recursive=True)
+                if p.pid not in before | spares and "pynsbook.engine.launcher" not in p.cmdline()]
     assert wait_until(lambda: not new()), new()
     assert kernel.ok("print('still alive')") == "still alive\n"
 

@@ -1,4 +1,4 @@
-"""``pynsbook bench startup|density|overhead|report``.
+"""``pynsbook bench startup|density|churn|overhead|report``.
 
 Bad input (an unknown subject, N out of range, a kernel that does not exist, an unreadable
 results file) prints one line and exits 2. Ctrl-C or SIGTERM stops the benchmark, which
@@ -18,6 +18,7 @@ EPILOG = """examples:
   pynsbook bench startup --repeat 30 --json startup.json
   pynsbook bench startup --subjects pynsbook-cold-pass,floor,peers
   pynsbook bench density -n 200 --vm-n 2 --json density.json
+  pynsbook bench churn -n 500
   pynsbook bench overhead --json overhead.json
   pynsbook bench report --out report/ --from startup.json density.json overhead.json"""
 
@@ -53,6 +54,16 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     common(d, 1)
     d.add_argument("-n", type=int, default=100, help=f"containers per kind, 1..{MAX_N} (default 100)")
     d.add_argument("--vm-n", type=int, default=2, help=f"microVMs, 0..{MAX_VM_N} (default 2)")
+    c = bs.add_parser("churn", help="N containers one after another: does start time grow?",
+                      description="Start N containers one after another, each running the "
+                                  "Python cell `pass` and removed at once; report the time per "
+                                  "container, its growth with N, and what was left behind. "
+                                  "Subjects: pynsbook, pynsbook-unprepared, crun.")
+    c.add_argument("-n", type=int, default=500, help="containers per subject, 10..5000 (default 500)")
+    c.add_argument("--subjects", metavar="LIST", help="comma-separated subjects (default: all)")
+    c.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    c.add_argument("--csv", metavar="FILE", help="write the summary as CSV")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     o = bs.add_parser("overhead", help="CPU- and memory-bound workloads: native, container, VM",
                       description="Run the same workloads natively, in a container and in a "
                                   "microVM; report slowdown relative to native. Subjects are "
@@ -97,7 +108,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     progress = not args.no_progress
-    if args.bench_cmd in ("startup", "density", "overhead"):
+    if args.bench_cmd in ("startup", "density", "churn", "overhead"):
         _check_outputs(args)
     if args.bench_cmd == "startup":
         from .startup import format_startup, run_startup
@@ -111,6 +122,11 @@ def run_command(args: argparse.Namespace) -> int:
                           show_progress=progress)
         _save(run, args)
         print(format_density(run))
+    elif args.bench_cmd == "churn":
+        from .churn import format_churn, run_churn
+        run = run_churn(args.n, args.subjects, show_progress=progress)
+        _save(run, args)
+        print(format_churn(run))
     elif args.bench_cmd == "overhead":
         from .overhead import format_overhead, run_overhead
         run = run_overhead(args.subjects, args.envs, repeat=args.repeat, warmup=args.warmup,

@@ -11,6 +11,7 @@ import os
 import secrets
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from ..linux.mountinfo import read_mountinfo
 from ..results import RunResult, Stats
 from ..spec import Spec, make_spec
 from . import background, pool, protocol, spawn
+from .entrant import init_start_time
 from .plan import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -121,10 +123,41 @@ class _Job:
         self.worker = worker  # an idle Python worker, waiting for a request
         self.started = threading.Event()
         self.exited = threading.Event()
-        self.pid: Optional[int] = None
+        self.pid: Optional[int] = None  # as seen inside the container
+        self.host_pid: Optional[int] = None
+        self.entrant_pid: Optional[int] = None  # pynsbook's process that waits for it
+        self.sock: Any = None  # the run's socket to its entrant (None: not a process)
+        self.error: Optional[PynsbookError] = None  # the process could not be started
         self.code: Optional[int] = None
         self.signal: Optional[int] = None
         self.rusage: Dict[str, float] = {}
+
+    def send(self, msg: Dict[str, Any]) -> None:
+        sock = self.sock
+        if sock is not None and not self.exited.is_set():
+            try:
+                protocol.send(sock, msg)
+            except OSError:
+                pass  # it has just ended
+
+    def read_events(self) -> None:
+        """The entrant's reports, until it leaves (run on a thread of its own)."""
+        for msg in protocol.messages(self.sock):
+            event = msg.get("event")
+            if event == "started":
+                self.pid, self.host_pid = msg.get("pid"), msg.get("host_pid")
+                self.entrant_pid = msg.get("entrant")
+                self.started.set()
+            elif event == "exited":
+                self.code, self.signal, self.rusage = msg["code"], msg["signal"], msg.get("rusage", {})
+                break
+            elif event == "error":
+                self.error = error_from_dict(msg["error"])
+                break
+        self.started.set()
+        self.exited.set()
+        sock, self.sock = self.sock, None
+        sock.close()
 
 
 class Container:
@@ -161,6 +194,8 @@ class Container:
         self._spare = False  # started by the pool, waiting to be adopted
         self._pool_key: Optional[tuple] = None
         self._keep: tuple = ()
+        self._enter_cfg: Dict[str, Any] = {}  # how runs enter it (entrant.py)
+        self._hostname: Optional[str] = None  # to set with the next run (an adopted spare)
         self.started_at: Optional[float] = None
         #: the root filesystem's layers, top first (None: the host's files under overlays)
         self.lowers: Optional[List[str]] = [spec.rootfs] if spec.rootfs else None
@@ -236,6 +271,7 @@ class Container:
         _LIVE.discard(spare)
         self._shim, self._sock, self.init_pid, self.cgroup = (spare._shim, spare._sock,
                                                               spare.init_pid, spare.cgroup)
+        self._enter_cfg = spare._enter_cfg
         # the spare's event reader fills these same objects: they become ours
         self._jobs, self._ids, self._fresh = spare._jobs, spare._ids, spare._fresh
         self._dead, self._reader = spare._dead, spare._reader
@@ -247,8 +283,8 @@ class Container:
             except OSError as err:
                 raise ContainerError(f"could not set the limits: {err.strerror or err} "
                                      f"(in {self.cgroup.path})", err.errno) from None
-        if "uts" in plan.namespaces:
-            self._send({"op": "hostname", "name": self.spec.hostname or self.name})
+        if "uts" in plan.namespaces:  # set by the next run, before its code starts
+            self._hostname = self.spec.hostname or self.name
 
     def _config(self, plan: Plan) -> Dict[str, Any]:
         ns = plan.namespaces
@@ -290,6 +326,10 @@ class Container:
                 protocol.send(client, {"op": "mapped"})
             elif event == "init":
                 self.init_pid = msg["pid"]
+                self._enter_cfg = {
+                    "init_pid": msg["pid"], "init_start": init_start_time(msg["pid"]),
+                    "namespaces": list(plan.namespaces),
+                    "cgroup_join": list(self.cgroup.join_files) if self.cgroup else []}
             elif event == "error":
                 raise error_from_dict(msg["error"])
             elif event == "ready":
@@ -307,21 +347,11 @@ class Container:
         return ContainerError(f"the container's init stopped unexpectedly: {last}")
 
     def _read_events(self) -> None:
-        for msg in protocol.messages(self._sock):
-            job = self._jobs.get(str(msg.get("id")))
-            if job is None:
-                continue
-            if msg.get("event") == "started":
-                job.pid = msg["pid"]
-                job.started.set()
-            elif msg.get("event") == "exited":
-                job.code, job.signal, job.rusage = msg["code"], msg["signal"], msg.get("rusage", {})
-                job.started.set()
-                job.exited.set()
+        """Watch the lifeline: the init says nothing once ready, so end of file means the
+        container has ended (runs report on their own sockets)."""
+        for _msg in protocol.messages(self._sock):
+            pass
         self._dead.set()
-        for job in list(self._jobs.values()):  # the init is gone: so is every process
-            job.started.set()
-            job.exited.set()
 
     def stop(self, timeout: float = _STOP_GRACE, wait: bool = True) -> None:
         """Stop every process (SIGTERM, then SIGKILL after ``timeout``) and remove the
@@ -336,7 +366,7 @@ class Container:
         try:
             if self.running and any(not j.exited.is_set() and not j.worker
                                     for j in self._jobs.values()):
-                self._send({"op": "signal", "id": None, "sig": int(signal.SIGTERM)})
+                self.signal(signal.SIGTERM)
                 deadline = time.monotonic() + timeout
                 for job in list(self._jobs.values()):
                     job.exited.wait(max(0.0, deadline - time.monotonic()))
@@ -353,12 +383,23 @@ class Container:
     def _end(self) -> None:
         """Tell the init to end the container now (the first, quick part of clean-up)."""
         if self._sock is not None:
-            try:
-                self._send({"op": "stop"})
-            except (OSError, ContainerStateError):
-                pass
-            self._sock.close()  # init sees EOF too: it kills everything and exits
-            self._sock = None
+            with self._lock:
+                # shutdown, not just close: the reader thread's pending recv holds the file
+                # open, and the init must see end of file now (then it exits, and as PID 1
+                # ends every process of the container)
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._sock.close()
+                self._sock = None
+        for job in list(self._jobs.values()):
+            sock = job.sock
+            if sock is not None:  # its entrant sees EOF: it kills the run and leaves
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _cleanup(self) -> None:
         if self._sampler:
@@ -403,6 +444,24 @@ class Container:
                 raise ContainerStateError(f"container {self.name!r} is not running")
             protocol.send(self._sock, msg, fds)
 
+    def _enter(self, job: _Job, msg: Dict[str, Any], fds: Sequence[int]) -> None:
+        """Start a run's process in the container: an entrant joins its cgroup and
+        namespaces and forks it (entrant.py); ``job`` follows it on a thread."""
+        if self._sock is None:
+            raise ContainerStateError(f"container {self.name!r} is not running")
+        if self._hostname and "hostname" not in msg:
+            msg["hostname"], self._hostname = self._hostname, None
+        ours, theirs = protocol.pair()
+        try:
+            spawn.start_entrant({"op": "enter", "cfg": self._enter_cfg, "msg": msg}, ours, theirs, fds)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        job.sock = ours
+        threading.Thread(target=job.read_events, daemon=True, name=f"pynsbook-run-{job.rid}").start()
+
     def update(self, **limits: Any) -> Dict[str, Any]:
         """Change limits while the container runs (same keywords as ``run``).
 
@@ -445,7 +504,8 @@ class Container:
             return self.cgroup.stats()
         if self.init_pid and self.running:
             from .sampler import Sampler
-            return Sampler(self.init_pid).snapshot()
+            return Sampler(lambda: [j.entrant_pid for j in list(self._jobs.values())
+                                    if j.entrant_pid and not j.exited.is_set()]).snapshot()
         raise ContainerStateError(f"container {self.name!r} is not running")
 
     def signal(self, sig: int, run: Optional[str] = None) -> None:
@@ -453,13 +513,14 @@ class Container:
         container runs; quietly nothing if the container has already ended."""
         if not self.running:
             return
-        if run is not None:
+        if run is None:
+            targets = [j for j in list(self._jobs.values()) if j.sock is not None]
+        else:
             job = self._jobs.get(run)
-            run = job.signal_rid if job else run
-        try:
-            self._send({"op": "signal", "id": run, "sig": int(sig)})
-        except (OSError, ContainerStateError):
-            pass
+            target = self._jobs.get(job.signal_rid) if job else None
+            targets = [target] if target is not None else []
+        for job in targets:
+            job.send({"op": "signal", "sig": int(sig)})
 
     def freeze(self) -> None:
         self._require_cgroup("freeze").freeze(True)
@@ -537,7 +598,7 @@ class Container:
         msg = self._base_msg(None, None)
         msg.update(id=rid, repl=True, fds={"stdin": 0, "stdout": 1, "stderr": 2, "repl": 3})
         try:
-            self._send(msg, [null, null, null, theirs.fileno()])
+            self._enter(job, msg, [null, null, null, theirs.fileno()])
         finally:
             os.close(null)
             theirs.close()
@@ -618,10 +679,10 @@ class Container:
                 roles["outputs"] = len(fds)
                 fds.append(os.dup(out_fd))
         msg = {"id": rid, "fds": roles, "outputs": outputs}
+        self._jobs[rid] = job
         if repl is None:
             msg.update(self._base_msg(env, workdir))
             msg.update(python=True) if code is not None else msg.update(argv=argv)
-            self._jobs[rid] = job
         else:
             repl.current = job
             repl.job.worker = False  # busy: stop() must let it finish
@@ -637,11 +698,14 @@ class Container:
         sampler = None
         if not self.cgroup or "memory" in fb:
             from .sampler import Sampler
-            sampler = self._sampler = Sampler(self.init_pid or 0, fb.get("memory"))
+            process = repl.job if repl is not None else job
+            sampler = self._sampler = Sampler(lambda: [process.entrant_pid or 0], fb.get("memory"))
+        if self._hostname:  # an adopted spare's name: set before the code starts
+            msg["hostname"], self._hostname = self._hostname, None
         t0 = time.monotonic()
         try:
             if repl is None:
-                self._send(msg, fds)
+                self._enter(job, msg, fds)
             else:
                 protocol.send(repl.sock, msg, fds)
         finally:
@@ -685,6 +749,8 @@ class Container:
                 result.stderr += note
                 if on_stderr:
                     on_stderr(note)
+        if job.error is not None:
+            raise job.error
         if job.code is None:  # the init itself is gone: the container is broken, not the code
             raise self._died_early()
         result.exit_code = job.code

@@ -7,6 +7,9 @@ deadlock on a lock another thread held): it asks the launcher, over one SOCK_SEQ
 socket.
 
 client -> launcher: {"op": "spawn", "cfg": {...}} + fds [container socket, stderr pipe]
+                    {"op": "enter", "cfg", "msg"} + fds [run socket, the run's fds...]
+                    (a run in a running container: forks an entrant, no reply; the
+                    entrant reports on the run's socket)
 launcher -> client: {"event": "spawned", "pid"} / {"event": "spawn_failed", "error"}
                     {"event": "exited", "pid", "status"}  (a shim ended: exit status)
 When the client's socket closes, the launcher exits; each container still ends through its
@@ -25,8 +28,11 @@ from typing import Any, Dict, List
 from . import protocol
 # imported now, so that forked shims, inits and workloads find them already loaded
 from . import init as _init  # noqa: F401
+from . import tiny
 from . import workload as _workload  # noqa: F401
+from ..linux import libc
 from ..linux import rootfs as _rootfs  # noqa: F401
+from .entrant import run_entrant
 from .shim import run_shim
 
 
@@ -61,6 +67,8 @@ class Launcher:
                     os._exit(0)
                 if msg.get("op") == "spawn":
                     self._spawn(msg["cfg"], fds)
+                elif msg.get("op") == "enter" and fds:
+                    self._enter(msg, fds)
                 else:
                     for fd in fds:
                         os.close(fd)
@@ -93,6 +101,35 @@ class Launcher:
         self.children[pid] = True
         protocol.send(self.sock, {"event": "spawned", "pid": pid})
 
+    def _enter(self, req: Dict[str, Any], fds: List[int]) -> None:
+        try:
+            pid = os.fork()
+        except OSError as err:
+            sock = socket.socket(fileno=fds[0])
+            try:
+                protocol.send(sock, {"event": "error", "id": req["msg"]["id"], "error": {
+                    "kind": "ContainerError", "message": f"could not start a process: {err}"}})
+            except OSError:
+                pass
+            sock.close()
+            for fd in fds[1:]:
+                os.close(fd)
+            return
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                self.sock.close()
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # we died: so does it
+                run_entrant(socket.socket(fileno=fds[0]), req, fds[1:])
+            finally:
+                os._exit(125)
+        for fd in fds:
+            os.close(fd)
+
     def _reap(self) -> None:
         while True:
             try:
@@ -101,7 +138,8 @@ class Launcher:
                 return
             if pid == 0:
                 return
-            self.children.pop(pid, None)
+            if self.children.pop(pid, None) is None:
+                continue  # an entrant: it reported on its run's socket
             code = os.waitstatus_to_exitcode(status)
             protocol.send(self.sock, {"event": "exited", "pid": pid,
                                       "status": code if code >= 0 else 128 - code})
@@ -111,6 +149,7 @@ def main(fd: int) -> None:
     # everything imported now lives as long as the process: keep the garbage collector
     # off it, so forked children do not copy the pages it would touch (copy-on-write)
     gc.freeze()
+    tiny.load()  # compiled once per machine; shims and inits exec it from this descriptor
     Launcher(socket.socket(fileno=fd)).serve()
 
 

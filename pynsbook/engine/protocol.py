@@ -1,18 +1,23 @@
-"""Messages between pynsbook (the client) and a container's init (the daemon).
+"""Messages between pynsbook (the client) and the processes that serve a container.
 
-One SOCK_SEQPACKET socket per container: each message is one JSON object, and file
-descriptors (the pipes of a process, a memfd with its code) travel beside it (SCM_RIGHTS).
-The socket's end in the client is the container's lifeline: when it closes, because the
-client exited or was killed, init kills everything in the container and exits.
+SOCK_SEQPACKET sockets: each message is one JSON object, and file descriptors (the pipes of
+a process, a memfd with its code) travel beside it (SCM_RIGHTS).
 
-client -> init                      init -> client
-  {"op": "exec", "id", "argv"|"code",  {"event": "ready"}
-   "env", "workdir", "python"}        {"event": "started", "id", "pid"}
-   + fds [stdin, stdout, stderr, code]{"event": "exited", "id", "code", "signal", "rusage"}
-  {"op": "signal", "id"|None, "sig"}  {"event": "error", "error": {...}}
-  {"op": "stop"}
+The container's socket joins the client to its shim and init while the container is made:
 shim -> client: {"event": "map_ids", "pid"} (root only; the client writes the id maps and
-answers {"op": "mapped"}), then {"event": "init", "pid": host PID of init}.
+answers {"op": "mapped"}), then {"event": "init", "pid": host PID of init};
+init -> client: {"event": "ready"} or {"event": "error", "error": {...}}.
+After that the socket is only the container's lifeline: when the client's end closes,
+because it stopped the container, exited or was killed, init exits and every process of
+the container ends with it.
+
+Each run has a socket of its own, to the entrant that started it (entrant.py):
+client -> entrant: {"op": "signal", "sig"}
+entrant -> client: {"event": "started", "id", "pid", "host_pid", "entrant"}
+                   {"event": "exited", "id", "code", "signal", "rusage"}
+                   {"event": "error", "id", "error": {...}}
+The request that starts a run ({"id", "argv"|"python"|"repl", "env", "workdir", "fds": roles,
+...}) goes to the launcher, or through the run's socket on the slow path (spawn.py).
 """
 from __future__ import annotations
 

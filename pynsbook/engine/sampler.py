@@ -6,7 +6,7 @@ Approximate by nature: a spike shorter than the sampling period goes unseen, and
 from __future__ import annotations
 
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import psutil
 
@@ -16,23 +16,31 @@ PERIOD = 0.05
 
 
 class Sampler:
-    def __init__(self, init_pid: int, memory_limit: Optional[int] = None) -> None:
-        self.init_pid = init_pid
+    """Samples the processes below ``roots()``: the processes that wait for a container's
+    runs (entrants, pynsbook's own and not counted), whose descendants are the runs."""
+
+    def __init__(self, roots: Callable[[], Sequence[int]], memory_limit: Optional[int] = None) -> None:
+        self.roots: Optional[Callable[[], Sequence[int]]] = roots
         self.memory_limit = memory_limit
         self.peak = 0
         self.killed = False
         self._last = 0.0
 
     def _procs(self) -> List[psutil.Process]:
-        try:
-            init = psutil.Process(self.init_pid)
-            return [init] + init.children(recursive=True)
-        except psutil.Error:
-            return []
+        out: List[psutil.Process] = []
+        for pid in (self.roots() if self.roots else ()):
+            if not pid:
+                continue
+            try:
+                out += psutil.Process(pid).children(recursive=True)
+            except psutil.Error:
+                pass
+        return out
 
-    def _rss(self, procs: List[psutil.Process]) -> int:
+    @staticmethod
+    def _rss(procs: List[psutil.Process]) -> int:
         total = 0
-        for p in procs[1:] or procs:  # the init itself is pynsbook's, not the user's
+        for p in procs:
             try:
                 total += p.memory_info().rss
             except psutil.Error:
@@ -42,7 +50,7 @@ class Sampler:
     def sample(self) -> bool:
         """Take a sample if one is due; True when the memory limit was just exceeded."""
         now = time.monotonic()
-        if now - self._last < PERIOD or not self.init_pid:
+        if now - self._last < PERIOD or not self.roots:
             return False
         self._last = now
         rss = self._rss(self._procs())
@@ -68,4 +76,4 @@ class Sampler:
                      approximate=True)
 
     def stop(self) -> None:
-        self.init_pid = 0
+        self.roots = None

@@ -6,11 +6,14 @@
                             unshare(pid, time); set uptime
                             fork ───────────────────────────▶  join cgroup; unshare(mnt, uts,
                             ─init pid─▶ client                  ipc, net, cgroup); hostname, lo,
-                            waitpid(init); exit with its status  root filesystem ─ready─▶ client
-                                                               serve exec requests until stop
+                            waitpid(init); remove the cgroups;  root filesystem ─ready─▶ client
+                            exit with init's status             wait for the client's socket
+                                                               to close (runs enter from
+                                                               outside: entrant.py)
 
 The shim stays outside the new PID namespace so the client can wait for it: when the shim
-exits, init and every process of the container are gone.
+exits, init and every process of the container are gone. Once init is forked, shim and init
+have only waiting left to do, and become the small compiled program (tiny.py) for it.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Any, Dict, List
 from ..cgroups.base import remove_tree
 from ..errors import ContainerError
 from ..linux import ids, libc
-from . import protocol
+from . import protocol, tiny
 
 
 def _fail(sock: socket.socket, err: BaseException) -> "None":
@@ -71,6 +74,7 @@ def remove_cgroups(dirs: List[str]) -> None:
 
 def run_shim(sock: socket.socket, cfg: Dict[str, Any]) -> None:
     """Everything the shim does once it has its configuration. Never returns."""
+    program = tiny.load()  # before the fork: the init becomes it too
     try:
         enter_user_and_pid(sock, cfg)
         pid = os.fork()
@@ -82,13 +86,16 @@ def run_shim(sock: socket.socket, cfg: Dict[str, Any]) -> None:
         init_main(sock, cfg)  # never returns
     protocol.send(sock, {"event": "init", "pid": pid})
     sock.close()
+    dirs = cfg.get("cgroup_dirs") or []
+    if program is not None:  # wait (and clean up) in a few kilobytes, not a Python fork
+        tiny.become(program, ["shim", pid] + dirs)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
             break
         except InterruptedError:
             continue
-    remove_cgroups(cfg.get("cgroup_dirs") or [])
+    remove_cgroups(dirs)
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
              else 128 + os.WTERMSIG(status))
 

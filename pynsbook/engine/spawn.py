@@ -1,5 +1,6 @@
-"""Starting a container's shim: forked by the warm launcher (fast), or as a new Python
-process (the slow path, when the launcher cannot run or ``PYNSBOOK_LAUNCHER=0``).
+"""Starting a container's shim, and the entrant of each run: forked by the warm launcher
+(fast), or as new Python processes (the slow path, when the launcher cannot run or
+``PYNSBOOK_LAUNCHER=0``).
 
 Both give the client the same handle: ``pid``, ``wait(timeout)``, ``kill()``,
 ``stderr_text()`` and ``close()``.
@@ -162,6 +163,18 @@ class LauncherClient:
             self.shims[shim.pid] = shim
             return shim
 
+    def enter(self, req: Dict[str, Any], fds: "list[int]") -> bool:
+        """Ask the launcher to fork an entrant for a run (no reply: the entrant answers on
+        the run's socket, ``fds[0]``); False if the launcher is gone."""
+        with self.lock:
+            if not self.alive:
+                return False
+            try:
+                protocol.send(self.sock, req, fds)
+            except OSError:
+                return False
+            return True
+
     def close(self) -> None:
         self.sock.close()
         try:
@@ -204,6 +217,21 @@ def start_shim(cfg: Dict[str, Any], child: socket.socket, use_launcher: bool = T
         return shim
     shim = PopenShim(child)
     return shim
+
+
+def start_entrant(req: Dict[str, Any], ours: socket.socket, theirs: socket.socket,
+                  fds: "list[int]") -> None:
+    """Start the process that runs ``req`` in a running container (entrant.py): forked by
+    the launcher, or a new Python process on the slow path, which reads the request from
+    the run's socket. ``fds`` stay open for the caller to close."""
+    launcher = _get_launcher()
+    if launcher is not None and launcher.enter(req, [theirs.fileno()] + list(fds)):
+        return
+    subprocess.Popen(
+        [sys.executable, "-m", "pynsbook.engine.entrant", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=None, env=_child_env(), cwd="/")
+    protocol.send(ours, req, fds)
 
 
 def launcher_pid() -> Optional[int]:

@@ -174,6 +174,8 @@ def _apply_process_settings(req: Dict[str, Any]) -> None:
         resource.setrlimit(_RLIMITS[name], (int(value), int(value)))
     if req.get("cpus_affinity"):
         os.sched_setaffinity(0, req["cpus_affinity"])
+    if req.get("hostname"):  # an adopted spare takes the name of the start that adopted it
+        socket.sethostname(req["hostname"])
 
 
 def _repl(msg: Dict[str, Any], fds: List[int]) -> int:

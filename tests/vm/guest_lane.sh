@@ -39,7 +39,7 @@ run_as_user() {
 
 case "$LANE" in
 root)
-    REQUIRE=root,cgroup_v2,userns,overlay,timens
+    REQUIRE=root,cgroup_v2,userns,overlay,timens,cc
     mkdir -p /tmp/root-home
     export HOME=/tmp/root-home  # the shared /root is read-only
     if [ "${PYNSBOOK_VM_ROOT_CGROUP:-leaf}" = leaf ]; then
@@ -49,7 +49,7 @@ root)
     RUN=""
     ;;
 delegated)
-    REQUIRE=cgroup_v2,userns
+    REQUIRE=cgroup_v2,userns,cc
     add_user
     mkdir "$CG/lane"
     enable_all "$CG/lane"

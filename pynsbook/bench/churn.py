@@ -1,0 +1,142 @@
+"""``pynsbook bench churn``: N containers one after another, each started, running the
+Python cell ``pass`` and removed — a sweep over limits, or cell after cell.
+
+Issue 7 asks that the time per container does not grow with N and that nothing is left
+behind. Each subject runs its N starts back to back (not interleaved with the others, so a
+spare container must be ready in time or the start pays for a new one); growth is the
+median of the last 10% of starts over the first 10%. After pynsbook's subjects, the host is
+checked: no process, cgroup or mount of the containers may remain (the warm launcher and
+a waiting spare are pynsbook's by design, and are named as such).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+from .harness import BenchRun, BenchUsageError, SubjectResult, environment, progress
+from .stats import median
+from .subjects import OCIPeer, PynsbookCold, parse_subjects
+
+MAX_N = 5000
+#: the issue's "does not grow": last 10% of starts within this factor of the first 10%
+GROWTH_GOAL = 1.25
+KINDS = {"pynsbook": lambda: PynsbookCold("pass"),
+         "pynsbook-unprepared": lambda: PynsbookCold("pass", prepared=False),
+         "crun": lambda: OCIPeer("crun")}
+
+
+def growth(samples: List[float]) -> Optional[float]:
+    """median(last 10%) / median(first 10%); None with fewer than 10 samples."""
+    if len(samples) < 10:
+        return None
+    k = max(1, len(samples) // 10)
+    return median(samples[-k:]) / median(samples[:k])
+
+
+def _mounts() -> List[str]:
+    with open("/proc/self/mountinfo") as f:
+        return sorted(" ".join(line.split()[3:5]) for line in f)
+
+
+def leftovers(mounts_before: List[str]) -> List[str]:
+    """What pynsbook's containers left on the host: processes under the launcher that are
+    not a waiting spare's, container cgroups of this session, and new host mounts."""
+    import psutil
+
+    from .. import cgroups
+    from ..cgroups.base import TOP, session_name
+    from ..engine import background, pool, spawn
+    background.drain(10)
+    spare_pids, spare_dirs = set(), set()
+    for c in pool.spares():
+        spare_pids.update({c._shim.pid if c._shim else 0, c.init_pid or 0})
+        for job in list(c._jobs.values()):
+            spare_pids.update({job.entrant_pid or 0, job.host_pid or 0})
+        if c.cgroup is not None:
+            spare_dirs.update(os.path.dirname(f) for f in c.cgroup.join_files)
+    out: List[str] = []
+    launcher = spawn.launcher_pid()
+    if launcher:
+        for p in psutil.Process(launcher).children(recursive=True):
+            if p.pid not in spare_pids and p.ppid() not in spare_pids:
+                out.append(f"process {p.pid} ({' '.join(p.cmdline())[:60]})")
+    backend = cgroups.backend()
+    bases = list(getattr(backend, "dirs", {}).values()) or ([backend.base()] if backend.base() else [])
+    for base in bases:
+        sess = os.path.join(base, TOP, session_name())
+        try:
+            names = os.listdir(sess)
+        except FileNotFoundError:
+            continue
+        out += [f"cgroup {os.path.join(sess, n)}" for n in names
+                if os.path.isdir(os.path.join(sess, n)) and os.path.join(sess, n) not in spare_dirs]
+    out += [f"mount {m}" for m in sorted(set(_mounts()) - set(mounts_before))]
+    return out
+
+
+def run_churn(n: int = 500, kinds: Optional[str] = None, show_progress: bool = True) -> BenchRun:
+    if not 10 <= n <= MAX_N:
+        raise BenchUsageError(f"-n must be between 10 and {MAX_N}, not {n}")
+    chosen = parse_subjects(kinds, list(KINDS))
+    run = BenchRun(kind="churn", env=environment(), config={"n": n, "kinds": chosen})
+    t0 = time.monotonic()
+    for kind in chosen:
+        subject = KINDS[kind]()
+        res = SubjectResult(kind, subject.label, subject.group, "ok")
+        run.results.append(res)
+        why = subject.check()
+        if why:
+            res.status, res.reason = "skipped", why
+            continue
+        mounts = _mounts()
+        bar = progress(n, f"churn {kind}", show_progress)
+        try:
+            subject.setup()
+            subject.once()  # first-time costs (imports, the launcher) are not the curve's
+            for _ in range(n):
+                t = time.perf_counter()
+                subject.once()
+                res.samples.append(time.perf_counter() - t)
+                run.order.append(kind)
+                bar.update(1)
+        except Exception as err:  # noqa: BLE001 - report how far it got
+            res.status = "failed" if not res.samples else "ok"
+            res.reason = f"start {len(res.samples) + 1} failed: {err}"
+        finally:
+            bar.close()
+            subject.teardown()
+        res.meta["growth"] = growth(res.samples)
+        if subject.group == "pynsbook":
+            res.meta["left_behind"] = leftovers(mounts)
+    run.seconds = time.monotonic() - t0
+    return run
+
+
+def format_churn(run: BenchRun) -> str:
+    from .startup import fmt_time
+    n = run.config.get("n")
+    lines = [f"churn: {n} containers one after another, each started, running `pass` and "
+             f"removed; {run.env.get('kernel')}, {run.env.get('cpus')} CPUs, load {run.env.get('loadavg_start')}",
+             f"{'subject':<50} {'median':>9} {'first 10%':>10} {'last 10%':>9} {'growth':>7}  left behind"]
+    verdict: Dict[str, Any] = {}
+    for r in run.results:
+        if r.status != "ok":
+            lines.append(f"{r.status}: {r.name} — {r.reason}")
+            continue
+        k = max(1, len(r.samples) // 10)
+        g = r.meta.get("growth")
+        left = r.meta.get("left_behind")
+        left_text = "n/a (a peer)" if left is None else ("nothing" if not left else
+                                                        f"{len(left)}: {'; '.join(left[:3])}")
+        lines.append(f"{r.label[:50]:<50} {fmt_time(r.median):>9} {fmt_time(median(r.samples[:k])):>10} "
+                     f"{fmt_time(median(r.samples[-k:])):>9} {(f'{g:.2f}x' if g else '-'):>7}  {left_text}")
+        if r.reason:
+            lines.append(f"  note: {r.reason}")
+        if r.group == "pynsbook":
+            verdict[r.name] = (g is not None and g <= GROWTH_GOAL and not left)
+    for name, met in verdict.items():
+        lines.append(f"issue 7 goal, {name}: time per container does not grow with N "
+                     f"(last 10% <= {GROWTH_GOAL}x first 10%) and nothing is left: "
+                     f"{'MET' if met else 'NOT MET'}")
+    return "\n".join(lines)

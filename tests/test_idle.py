@@ -1,0 +1,131 @@
+"""An idle container holds only its small init and shim; every run enters it from outside.
+
+The compiled init and shim (engine/tinyinit.c) and their Python equivalents must behave the
+same: the Python ones are what a host without a C compiler gets.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import pynsbook
+from pynsbook import Container, ContainerStateError
+from tests import helpers
+
+pytestmark = [pytest.mark.usefixtures("no_leaks")]
+CONTAINER = pytest.mark.needs("userns") if os.geteuid() else pytest.mark.needs("root")
+
+
+def _shim_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    return int(text[text.rindex(")") + 2:].split()[1])
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+@CONTAINER
+@pytest.mark.needs("cc")
+def test_an_idle_container_holds_no_python_only_the_compiled_init_and_shim():
+    with Container() as c:
+        shim = _shim_of(c.init_pid)
+        # init says ready from the compiled program; the shim execs it right after the fork
+        for pid, name in ((c.init_pid, "pynsbook-init"), (shim, "pynsbook-shim")):
+            deadline = time.monotonic() + 2
+            while _comm(pid) != name and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _comm(pid) == name
+            assert "python" not in _maps(pid).lower()  # no interpreter mapped at all
+        assert c.run("print('still works')").stdout == "still works\n"
+
+
+@CONTAINER
+def test_a_run_enters_the_containers_namespaces_and_cgroup_but_what_waits_for_it_does_not():
+    kinds = [k for k in ("ipc", "mnt", "net", "pid", "user", "uts") if os.path.exists(f"/proc/self/ns/{k}")]
+    with Container(memory="64M", best_effort=True) as c:  # a cgroup where the host has one
+        code = ("import os\nfor k in %r:\n    print(k, os.stat(f'/proc/self/ns/{k}').st_ino)\n"
+                "import time; time.sleep(1)" % (kinds,))
+        seen = {}
+        t = threading.Thread(target=lambda: seen.update(r=c.run(code)))
+        t.start()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(j.host_pid for j in c._jobs.values()):
+            time.sleep(0.02)
+        job = next(j for j in c._jobs.values() if j.host_pid)
+        if c.cgroup is not None:
+            inside = set(c.cgroup.pids())
+            assert job.host_pid in inside and c.init_pid in inside
+            assert job.entrant_pid not in inside  # pynsbook's waiting is not charged to the cell
+        t.join(10)
+        init_ns = {k: os.stat(f"/proc/{c.init_pid}/ns/{k}").st_ino for k in kinds}
+        run_ns = {line.split()[0]: int(line.split()[1]) for line in seen["r"].stdout.splitlines()}
+        assert run_ns == init_ns
+
+
+@CONTAINER
+def test_a_run_in_a_container_whose_init_was_killed_is_refused_with_a_clear_error():
+    c = Container().start()
+    try:
+        os.kill(c.init_pid, signal.SIGKILL)  # by PID: the container's own init
+        c._shim.wait(5)
+        with pytest.raises(ContainerStateError, match="not running|has ended"):
+            c.run("print('never')")
+    finally:
+        c.stop()
+
+
+@CONTAINER
+def test_the_python_init_and_shim_do_what_the_compiled_ones_do():
+    """Without a compiler: the same runs, signals and clean-up, in Python."""
+    script = textwrap.dedent("""
+        import os, signal, threading, time, pynsbook
+        from pynsbook import Container
+        from tests import helpers
+        before = helpers.snapshot()
+        with Container() as c:
+            comm = open(f"/proc/{c.init_pid}/comm").read().strip()
+            assert comm.startswith("python"), comm
+            assert c.run("print(6 * 7)").stdout == "42\\n"
+            code = ("import signal, sys, time\\n"
+                    "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7))\\n"
+                    "time.sleep(20)")
+            got = []
+            t = threading.Thread(target=lambda: got.append(c.run(code)))
+            t.start(); time.sleep(0.5)
+            os.kill(c.init_pid, signal.SIGUSR1)  # the Python init forwards it too
+            t.join(10)
+            assert got and got[0].exit_code == 7, got
+        r = pynsbook.run("x = bytearray(10)")
+        assert r.exit_code == 0
+        helpers.assert_nothing_left(before)
+        print("ok")
+    """)
+    env = dict(os.environ, PYNSBOOK_TINY_INIT="0", PYNSBOOK_POOL="0")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120, env=env, cwd=helpers.REPO)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_doctor_says_how_to_get_the_small_init_when_there_is_no_compiler(tmp_path):
+    script = "import pynsbook; print(pynsbook.doctor())"
+    env = dict(os.environ, CC="", PATH=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               PYTHONPATH=helpers.REPO)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120, env=env, cwd="/")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout[r.stdout.index("idle containers:"):]
+    assert "NO  init" in text and "no C compiler" in text
+    assert "fix: sudo apt-get install gcc libc6-dev" in text
