@@ -103,7 +103,7 @@ def _small_init() -> Check:
         return Check("init", True, detail)
     why = tiny.why_not() or "unknown"
     fix = ("" if "PYNSBOOK_TINY_INIT" in why else
-           "sudo apt-get install gcc libc6-dev (pynsbook compiles it once, on first use)")
+           "sudo apt-get install gcc libc6-dev musl-tools (pynsbook compiles it once, on first use)")
     return Check("init", False, detail, why + "; containers work the same, but each idle "
                  "one holds about 4 MiB", fix)
 

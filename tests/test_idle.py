@@ -128,4 +128,4 @@ def test_doctor_says_how_to_get_the_small_init_when_there_is_no_compiler(tmp_pat
     assert r.returncode == 0, r.stderr
     text = r.stdout[r.stdout.index("idle containers:"):]
     assert "NO  init" in text and "no C compiler" in text
-    assert "fix: sudo apt-get install gcc libc6-dev" in text
+    assert "fix: sudo apt-get install gcc libc6-dev musl-tools" in text

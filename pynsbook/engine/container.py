@@ -185,7 +185,7 @@ class Container:
         self._jobs: Dict[str, _Job] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._reader: Optional[threading.Thread] = None
+        self._watched = False  # its lifeline is watched (by the one watcher thread)
         self._dead = threading.Event()
         self._stopped = False
         self._sampler: Optional["Sampler"] = None
@@ -252,10 +252,9 @@ class Container:
         return self._started(key)
 
     def _started(self, key: Optional[tuple]) -> "Container":
-        if self._reader is None:  # an adopted spare's reader goes on serving the adopter
-            self._reader = threading.Thread(target=self._read_events, daemon=True,
-                                            name=f"pynsbook-{self.name}")
-            self._reader.start()
+        if not self._watched:  # an adopted spare's lifeline is watched already
+            _LIFELINES.watch(self._sock, self._dead.set)
+            self._watched = True
         if self._spare and _PREFORK:  # its first Python run finds a worker waiting
             self._fresh = self._start_worker()
         if self.spec.name:
@@ -274,8 +273,8 @@ class Container:
         self._enter_cfg = spare._enter_cfg
         # the spare's event reader fills these same objects: they become ours
         self._jobs, self._ids, self._fresh = spare._jobs, spare._ids, spare._fresh
-        self._dead, self._reader = spare._dead, spare._reader
-        spare._shim = spare._sock = spare.cgroup = spare._fresh = spare._reader = None
+        self._dead, self._watched = spare._dead, spare._watched
+        spare._shim = spare._sock = spare.cgroup = spare._fresh = None
         spare._stopped = True
         if self.cgroup is not None and plan.cgroup_limits:
             try:
@@ -346,13 +345,6 @@ class Container:
         last = text[-1] if text else f"exit status {self._shim.returncode}"
         return ContainerError(f"the container's init stopped unexpectedly: {last}")
 
-    def _read_events(self) -> None:
-        """Watch the lifeline: the init says nothing once ready, so end of file means the
-        container has ended (runs report on their own sockets)."""
-        for _msg in protocol.messages(self._sock):
-            pass
-        self._dead.set()
-
     def stop(self, timeout: float = _STOP_GRACE, wait: bool = True) -> None:
         """Stop every process (SIGTERM, then SIGKILL after ``timeout``) and remove the
         container: its processes, its cgroup, its mounts (they die with its namespace).
@@ -391,6 +383,7 @@ class Container:
                     self._sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                _LIFELINES.forget(self._sock)
                 self._sock.close()
                 self._sock = None
         for job in list(self._jobs.values()):
@@ -412,8 +405,6 @@ class Container:
                 self._shim.kill()  # by PID: only our own shim
                 self._shim.wait(timeout=5)
             self._shim.close()
-        if self._reader is not None:
-            self._reader.join(timeout=5)
         if self.cgroup is not None:
             try:
                 self.cgroup.remove()
@@ -847,6 +838,54 @@ class Container:
                 result.peak_memory = max(sampler.peak, int(job.rusage.get("maxrss", 0)))
             if sampler.killed:
                 result.oom_killed = True
+
+
+class _Lifelines:
+    """One thread watches every container's lifeline and marks a container dead when its
+    init closes it (the init says nothing once ready). A thread per container would cost
+    its kernel stack and page tables (~30 KiB each): more than the idle container itself."""
+
+    def __init__(self) -> None:
+        # epoll: a socket registered while the thread waits is watched from then on
+        self.sel = selectors.EpollSelector()
+        self.lock = threading.Lock()
+        self.thread: Optional[threading.Thread] = None
+
+    def watch(self, sock: Any, on_end: Callable[[], None]) -> None:
+        with self.lock:
+            self.sel.register(sock, selectors.EVENT_READ, on_end)  # effective at once
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="pynsbook-lifelines")
+                self.thread.start()
+
+    def forget(self, sock: Any) -> None:
+        """Before the client closes a lifeline (its descriptor number may be reused)."""
+        with self.lock:
+            key = self.sel.get_map().get(sock.fileno())
+            if key is not None and key.fileobj is sock:
+                self.sel.unregister(sock)
+
+    def _run(self) -> None:
+        while True:
+            for key, _ in self.sel.select():
+                try:
+                    data = key.fileobj.recv(512)  # type: ignore[union-attr]
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    continue
+                with self.lock:
+                    current = self.sel.get_map().get(key.fd)
+                    if current is not key:
+                        continue  # forgotten (or the number reused) meanwhile
+                    self.sel.unregister(key.fileobj)
+                key.data()
+
+
+_LIFELINES = _Lifelines()
 
 
 class _Repl:
