@@ -1,7 +1,8 @@
-"""An idle container holds only its small init and shim; every run enters it from outside.
+"""An idle container holds only its small init (in the launcher's care); every run enters
+it from outside.
 
-The compiled init and shim (engine/tinyinit.c) and their Python equivalents must behave the
-same: the Python ones are what a host without a C compiler gets.
+The compiled init (engine/tinyinit.c) and its Python equivalent, and the fast path and the
+slow one (no warm launcher: the shim stays and waits), must behave the same.
 """
 import os
 import signal
@@ -11,9 +12,9 @@ import textwrap
 import threading
 import time
 
+import psutil
 import pytest
 
-import pynsbook
 from pynsbook import Container, ContainerStateError
 from tests import helpers
 
@@ -21,10 +22,8 @@ pytestmark = [pytest.mark.usefixtures("no_leaks")]
 CONTAINER = pytest.mark.needs("userns") if os.geteuid() else pytest.mark.needs("root")
 
 
-def _shim_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        text = f.read()
-    return int(text[text.rindex(")") + 2:].split()[1])
+def _ppid(pid: int) -> int:
+    return psutil.Process(pid).ppid()
 
 
 def _comm(pid: int) -> str:
@@ -39,16 +38,15 @@ def _maps(pid: int) -> str:
 
 @CONTAINER
 @pytest.mark.needs("cc")
-def test_an_idle_container_holds_no_python_only_the_compiled_init_and_shim():
+def test_an_idle_container_is_one_small_compiled_process_in_the_launchers_care():
+    from pynsbook.engine import spawn
     with Container() as c:
-        shim = _shim_of(c.init_pid)
-        # init says ready from the compiled program; the shim execs it right after the fork
-        for pid, name in ((c.init_pid, "pynsbook-init"), (shim, "pynsbook-shim")):
-            deadline = time.monotonic() + 2
-            while _comm(pid) != name and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert _comm(pid) == name
-            assert "python" not in _maps(pid).lower()  # no interpreter mapped at all
+        assert _comm(c.init_pid) == "pynsbook-init"  # init says ready from the compiled program
+        assert "python" not in _maps(c.init_pid).lower()  # no interpreter mapped at all
+        # the shim handed init over to the launcher (a child subreaper) and left
+        assert _ppid(c.init_pid) == spawn.launcher_pid()
+        launcher = psutil.Process(spawn.launcher_pid())
+        assert not [p for p in launcher.children() if p.name() == "pynsbook-shim"]
         assert c.run("print('still works')").stdout == "still works\n"
 
 
@@ -88,16 +86,18 @@ def test_a_run_in_a_container_whose_init_was_killed_is_refused_with_a_clear_erro
 
 
 @CONTAINER
-def test_the_python_init_and_shim_do_what_the_compiled_ones_do():
-    """Without a compiler: the same runs, signals and clean-up, in Python."""
+@pytest.mark.parametrize("env", [{"PYNSBOOK_TINY_INIT": "0"}, {"PYNSBOOK_LAUNCHER": "0"}],
+                         ids=["python-init", "no-launcher"])
+def test_the_fallbacks_do_what_the_fast_path_does(env):
+    """Without a compiler (Python init and shim), and without the warm launcher (the shim
+    stays and waits, runs enter through new Python processes): the same runs, signals and
+    clean-up."""
     script = textwrap.dedent("""
         import os, signal, threading, time, pynsbook
         from pynsbook import Container
         from tests import helpers
         before = helpers.snapshot()
         with Container() as c:
-            comm = open(f"/proc/{c.init_pid}/comm").read().strip()
-            assert comm.startswith("python"), comm
             assert c.run("print(6 * 7)").stdout == "42\\n"
             code = ("import signal, sys, time\\n"
                     "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7))\\n"
@@ -113,7 +113,7 @@ def test_the_python_init_and_shim_do_what_the_compiled_ones_do():
         helpers.assert_nothing_left(before)
         print("ok")
     """)
-    env = dict(os.environ, PYNSBOOK_TINY_INIT="0", PYNSBOOK_POOL="0")
+    env = dict(os.environ, PYNSBOOK_POOL="0", **env)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=120, env=env, cwd=helpers.REPO)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from ..linux import procfs
 from .harness import BenchRun, BenchUsageError, SubjectResult, environment, progress
 from .subjects import CONTAINER_OPTIONS, check_kernel, parse_subjects, vm_unavailable
 
@@ -74,20 +75,12 @@ def pss(pid: int) -> int:
     return 0
 
 
-def _children(pid: int) -> List[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
 def tree(pid: int) -> List[int]:
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
-        todo += _children(p)
+        todo += procfs.children(p)
     return out
 
 
@@ -133,13 +126,11 @@ class PynsbookFleet(Fleet):
         out = []
         for c in self.containers:
             if c.init_pid:
-                try:
-                    with open(f"/proc/{c.init_pid}/stat") as f:
-                        text = f.read()
-                    shim = int(text[text.rindex(")") + 2:].split()[1])
-                    out.append(shim)
-                except (OSError, ValueError):
-                    pass
+                # the init's parent: the launcher that took it over from its shim (counted
+                # once for the fleet), or its shim on the slow path
+                parent = procfs.ppid(c.init_pid)
+                if parent:
+                    out.append(parent)
                 out += tree(c.init_pid)
         return out
 
@@ -169,7 +160,7 @@ class UnshareFleet(Fleet):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
         deadline = time.monotonic() + 5
-        while not _children(p.pid):  # started when its PID 1 (sleep) exists
+        while not procfs.children(p.pid):  # started when its PID 1 (sleep) exists
             if p.poll() is not None:
                 raise RuntimeError(f"unshare exited with status {p.returncode}")
             if time.monotonic() > deadline:

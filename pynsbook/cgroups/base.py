@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
+from ..linux import procfs
 from ..results import Stats
 
 # controller names as the rest of pynsbook spells them (v1's blkio is "io" here)
@@ -85,12 +86,8 @@ def read_keyed(path: str) -> Dict[str, int]:
 
 
 def process_start_time(pid: int) -> Optional[int]:
-    """Field 22 of /proc/PID/stat: the start time in clock ticks, to tell PID reuse apart."""
-    try:
-        text = read(f"/proc/{pid}/stat")
-    except OSError:
-        return None
-    return int(text[text.rindex(")") + 2:].split()[19])
+    """The start time in clock ticks, to tell PID reuse apart."""
+    return procfs.start_time(pid)
 
 
 def session_name(pid: Optional[int] = None) -> str:

@@ -23,11 +23,11 @@ from .. import cgroups
 from ..errors import (ContainerError, ContainerNotFound, ContainerStateError, OptionError, PynsbookError,
                       error_from_dict)
 from ..linux.ids import write_id_maps
+from ..linux import procfs
 from ..linux.mountinfo import read_mountinfo
 from ..results import RunResult, Stats
 from ..spec import Spec, make_spec
 from . import background, pool, protocol, spawn
-from .entrant import init_start_time
 from .plan import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class _Job:
         self.host_pid: Optional[int] = None
         self.entrant_pid: Optional[int] = None  # pynsbook's process that waits for it
         self.sock: Any = None  # the run's socket to its entrant (None: not a process)
+        self.process: Any = None  # the entrant's Popen, on the slow path (to reap it)
         self.error: Optional[PynsbookError] = None  # the process could not be started
         self.code: Optional[int] = None
         self.signal: Optional[int] = None
@@ -158,6 +159,8 @@ class _Job:
         self.exited.set()
         sock, self.sock = self.sock, None
         sock.close()
+        if self.process is not None:
+            self.process.wait()  # it leaves once its run has ended
 
 
 class Container:
@@ -326,7 +329,7 @@ class Container:
             elif event == "init":
                 self.init_pid = msg["pid"]
                 self._enter_cfg = {
-                    "init_pid": msg["pid"], "init_start": init_start_time(msg["pid"]),
+                    "init_pid": msg["pid"], "init_start": procfs.start_time(msg["pid"]),
                     "namespaces": list(plan.namespaces),
                     "cgroup_join": list(self.cgroup.join_files) if self.cgroup else []}
             elif event == "error":
@@ -444,7 +447,8 @@ class Container:
             msg["hostname"], self._hostname = self._hostname, None
         ours, theirs = protocol.pair()
         try:
-            spawn.start_entrant({"op": "enter", "cfg": self._enter_cfg, "msg": msg}, ours, theirs, fds)
+            job.process = spawn.start_entrant({"op": "enter", "cfg": self._enter_cfg, "msg": msg},
+                                              ours, theirs, fds)
         except BaseException:
             ours.close()
             raise

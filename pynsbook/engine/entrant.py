@@ -30,29 +30,15 @@ import selectors
 import signal
 import socket
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from ..errors import ContainerError, ContainerStateError
-from ..linux import libc
+from ..linux import libc, procfs
 from . import protocol
 from .workload import run_workload
 
 #: what the run's process enters, in nsenter's order (mnt late: it changes the root)
 ORDER = ("cgroup", "ipc", "uts", "net", "mnt")
-
-
-def _start_time(pid: int) -> Optional[str]:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()[19]
-
-
-def init_start_time(pid: int) -> Optional[str]:
-    """The start time that identifies a container's init (read when it was made)."""
-    return _start_time(pid)
 
 
 def _open_namespaces(cfg: Dict[str, Any]) -> Dict[str, int]:
@@ -61,7 +47,7 @@ def _open_namespaces(cfg: Dict[str, Any]) -> Dict[str, int]:
     for kind in cfg["namespaces"]:
         fds[kind] = os.open(f"/proc/{init}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
     # the PID was the container's init when we opened its namespaces only if it still is
-    if _start_time(init) != cfg["init_start"]:
+    if procfs.start_time(init) != cfg["init_start"]:
         raise ProcessLookupError(f"the container's init ({init}) has ended")
     return fds
 

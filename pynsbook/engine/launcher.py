@@ -10,8 +10,15 @@ client -> launcher: {"op": "spawn", "cfg": {...}} + fds [container socket, stder
                     {"op": "enter", "cfg", "msg"} + fds [run socket, the run's fds...]
                     (a run in a running container: forks an entrant, no reply; the
                     entrant reports on the run's socket)
+                    {"op": "kill", "pid"}  (SIGKILL the container of that shim)
 launcher -> client: {"event": "spawned", "pid"} / {"event": "spawn_failed", "error"}
-                    {"event": "exited", "pid", "status"}  (a shim ended: exit status)
+                    {"event": "exited", "pid", "status"}  (a container ended: its init's
+                    exit status, after its cgroups were removed)
+
+The launcher is a child subreaper: each shim hands its init over to it and exits, so an idle
+container holds one small process, not two. The launcher then waits for the init (it knows
+it by its session, which is the shim's PID) and removes the container's cgroups, as the
+shim did.
 When the client's socket closes, the launcher exits; each container still ends through its
 own socket, as on the slow path.
 """
@@ -30,17 +37,26 @@ from . import protocol
 from . import init as _init  # noqa: F401
 from . import tiny
 from . import workload as _workload  # noqa: F401
-from ..linux import libc
+from ..linux import libc, procfs
 from ..linux import rootfs as _rootfs  # noqa: F401
 from .entrant import run_entrant
-from .shim import run_shim
+from .shim import HANDED_OVER, remove_cgroups, run_shim
+
+
+class _Shim:
+    """What the launcher remembers of a container it spawned, until its init has ended."""
+
+    def __init__(self, dirs: List[str]) -> None:
+        self.dirs = dirs
+        self.handed_over = False  # the shim exited 0: its init is ours to wait for
 
 
 class Launcher:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.children: Dict[int, bool] = {}
+        self.children: Dict[int, _Shim] = {}  # by the shim's PID (= the init's session)
+        self.closing = False
 
     def serve(self) -> None:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
@@ -63,15 +79,31 @@ class Launcher:
                     msg, fds = protocol.recv(self.sock)
                 except OSError:
                     msg, fds = None, []
-                if msg is None:
-                    os._exit(0)
+                if msg is None:  # the client is gone: its inits end (their lifelines
+                    self.closing = True  # closed); clean up after them, then leave
+                    sel.unregister(self.sock)
+                    self._reap()
+                    continue
                 if msg.get("op") == "spawn":
                     self._spawn(msg["cfg"], fds)
                 elif msg.get("op") == "enter" and fds:
                     self._enter(msg, fds)
+                elif msg.get("op") == "kill":
+                    self._kill(int(msg["pid"]))
+                    for fd in fds:
+                        os.close(fd)
                 else:
                     for fd in fds:
                         os.close(fd)
+
+    def _in_child(self) -> None:
+        """First thing in a forked shim or entrant: default signals, none of our fds."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        self.sock.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
 
     def _spawn(self, cfg: Dict[str, Any], fds: List[int]) -> None:
         container_fd, stderr_fd = fds[0], fds[1]
@@ -84,21 +116,17 @@ class Launcher:
             return
         if pid == 0:
             try:
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                    signal.signal(sig, signal.SIG_DFL)
-                os.setsid()
+                self._in_child()
+                os.setsid()  # the session (the shim's PID) names its init to us later
+                cfg["handoff"] = True
                 os.dup2(stderr_fd, 2)
-                self.sock.close()
-                os.close(self.wake_r)
-                os.close(self.wake_w)
                 os.close(stderr_fd)
                 run_shim(socket.socket(fileno=container_fd), cfg)
             finally:
                 os._exit(125)
         for fd in fds:
             os.close(fd)
-        self.children[pid] = True
+        self.children[pid] = _Shim(list(cfg.get("cgroup_dirs") or []))
         protocol.send(self.sock, {"event": "spawned", "pid": pid})
 
     def _enter(self, req: Dict[str, Any], fds: List[int]) -> None:
@@ -117,12 +145,7 @@ class Launcher:
             return
         if pid == 0:
             try:
-                signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                    signal.signal(sig, signal.SIG_DFL)
-                self.sock.close()
-                os.close(self.wake_r)
-                os.close(self.wake_w)
+                self._in_child()
                 libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # we died: so does it
                 run_entrant(socket.socket(fileno=fds[0]), req, fds[1:])
             finally:
@@ -130,19 +153,45 @@ class Launcher:
         for fd in fds:
             os.close(fd)
 
+    def _kill(self, shim: int) -> None:
+        """SIGKILL a container: its shim, or the init it handed over (our child, so its PID
+        is still its own until we reap it)."""
+        if shim not in self.children:
+            return
+        for pid in [shim] + procfs.children(os.getpid()):
+            if pid == shim or procfs.session(pid) == shim:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def _reap(self) -> None:
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+            try:  # look before reaping: a zombie init still tells its session
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if self.children.pop(pid, None) is None:
-                continue  # an entrant: it reported on its run's socket
+                info = None
+            if info is None:
+                break
+            pid = info.si_pid
+            owner = procfs.session(pid)
+            _, status = os.waitpid(pid, 0)
             code = os.waitstatus_to_exitcode(status)
-            protocol.send(self.sock, {"event": "exited", "pid": pid,
-                                      "status": code if code >= 0 else 128 - code})
+            code = code if code >= 0 else 128 - code
+            shim = self.children.get(pid)
+            if shim is not None and code == HANDED_OVER and not shim.handed_over:
+                shim.handed_over = True  # its init lives on, in our care
+                continue
+            if shim is None and owner in self.children and owner != pid:
+                pid, shim = owner, self.children[owner]  # an init that was handed over
+                remove_cgroups(shim.dirs)
+            if shim is None:
+                continue  # an entrant: it reported on its run's socket
+            del self.children[pid]
+            if not self.closing:
+                protocol.send(self.sock, {"event": "exited", "pid": pid, "status": code})
+        if self.closing and not self.children:
+            os._exit(0)
 
 
 def main(fd: int) -> None:
@@ -150,6 +199,7 @@ def main(fd: int) -> None:
     # off it, so forked children do not copy the pages it would touch (copy-on-write)
     gc.freeze()
     tiny.load()  # compiled once per machine; shims and inits exec it from this descriptor
+    libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)  # the inits that shims hand over are ours
     Launcher(socket.socket(fileno=fd)).serve()
 
 

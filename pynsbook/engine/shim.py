@@ -11,9 +11,12 @@
                                                                to close (runs enter from
                                                                outside: entrant.py)
 
-The shim stays outside the new PID namespace so the client can wait for it: when the shim
-exits, init and every process of the container are gone. Once init is forked, shim and init
-have only waiting left to do, and become the small compiled program (tiny.py) for it.
+The shim stays outside the new PID namespace, where init's parent can wait for it. Forked by
+the launcher, the shim exits right after forking init and the launcher (a child subreaper)
+inherits init: it waits for it and removes the cgroups, and reports the container's end to
+the client. On the slow path the shim itself waits, in the small compiled program
+(tiny.py) when there is one. Either way init becomes that program once the container is
+built: an idle container holds one process of a few KiB.
 """
 from __future__ import annotations
 
@@ -72,20 +75,35 @@ def remove_cgroups(dirs: List[str]) -> None:
             pass
 
 
+HANDED_OVER = 0  # the shim's exit status when the launcher takes its init over
+
+
 def run_shim(sock: socket.socket, cfg: Dict[str, Any]) -> None:
-    """Everything the shim does once it has its configuration. Never returns."""
+    """Everything the shim does once it has its configuration. Never returns.
+
+    Forked by the launcher (``cfg["handoff"]``), the shim exits as soon as init exists: the
+    launcher, a child subreaper, inherits init, waits for it and removes the cgroups. Started
+    as its own process (the slow path), it stays and does that itself."""
     program = tiny.load()  # before the fork: the init becomes it too
+    handoff = bool(cfg.get("handoff"))
+    gone_r = gone_w = -1
     try:
         enter_user_and_pid(sock, cfg)
+        if handoff:  # init reads end of file here once we are gone (see init.init_main)
+            gone_r, gone_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except OSError as err:
         _fail(sock, err)
         return
     if pid == 0:
         from .init import init_main
-        init_main(sock, cfg)  # never returns
+        if handoff:
+            os.close(gone_w)
+        init_main(sock, cfg, gone_r)  # never returns
     protocol.send(sock, {"event": "init", "pid": pid})
     sock.close()
+    if handoff:
+        os._exit(HANDED_OVER)
     dirs = cfg.get("cgroup_dirs") or []
     if program is not None:  # wait (and clean up) in a few kilobytes, not a Python fork
         tiny.become(program, ["shim", pid] + dirs)

@@ -27,10 +27,13 @@ def _child_env() -> Dict[str, str]:
 
 
 class Shim:
-    """A running shim: the process whose exit means the container is gone."""
+    """A running container, known by its shim's PID: its end (reported by the launcher once
+    the init has exited and the cgroups are gone, or the shim's own exit on the slow path)
+    means the container is gone."""
 
-    def __init__(self, pid: int, stderr_fd: int) -> None:
+    def __init__(self, pid: int, stderr_fd: int, launcher: Optional["LauncherClient"] = None) -> None:
         self.pid = pid
+        self.launcher = launcher
         self._stderr_fd = stderr_fd
         self._exited = threading.Event()
         self.returncode: Optional[int] = None
@@ -49,11 +52,15 @@ class Shim:
         return self.returncode  # type: ignore[return-value]
 
     def kill(self) -> None:
-        if not self._exited.is_set():  # not reaped yet, so the PID is still ours
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self._exited.is_set():
+            return
+        if self.launcher is not None and self.launcher.alive:
+            self.launcher.kill(self.pid)  # it knows the init the shim handed over
+            return
+        try:  # a shim whose launcher is gone: it ended, or it is still ours to kill
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def stderr_text(self) -> str:
         """What the shim and init wrote to stderr (read once the shim has exited)."""
@@ -159,9 +166,17 @@ class LauncherClient:
             if not reply or reply.get("event") != "spawned":
                 os.close(err_r)
                 return None
-            shim = Shim(reply["pid"], err_r)
+            shim = Shim(reply["pid"], err_r, self)
             self.shims[shim.pid] = shim
             return shim
+
+    def kill(self, shim_pid: int) -> None:
+        """SIGKILL the container of that shim (by PIDs the launcher owns)."""
+        with self.lock:
+            try:
+                protocol.send(self.sock, {"op": "kill", "pid": shim_pid})
+            except OSError:
+                pass
 
     def enter(self, req: Dict[str, Any], fds: "list[int]") -> bool:
         """Ask the launcher to fork an entrant for a run (no reply: the entrant answers on
@@ -220,18 +235,20 @@ def start_shim(cfg: Dict[str, Any], child: socket.socket, use_launcher: bool = T
 
 
 def start_entrant(req: Dict[str, Any], ours: socket.socket, theirs: socket.socket,
-                  fds: "list[int]") -> None:
+                  fds: "list[int]") -> Optional[subprocess.Popen]:
     """Start the process that runs ``req`` in a running container (entrant.py): forked by
-    the launcher, or a new Python process on the slow path, which reads the request from
-    the run's socket. ``fds`` stay open for the caller to close."""
+    the launcher (None), or a new Python process on the slow path, which reads the request
+    from the run's socket (its Popen, for the caller to wait for). ``fds`` stay open for the
+    caller to close."""
     launcher = _get_launcher()
     if launcher is not None and launcher.enter(req, [theirs.fileno()] + list(fds)):
-        return
-    subprocess.Popen(
+        return None
+    popen = subprocess.Popen(
         [sys.executable, "-m", "pynsbook.engine.entrant", str(theirs.fileno())],
         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=None, env=_child_env(), cwd="/")
     protocol.send(ours, req, fds)
+    return popen
 
 
 def launcher_pid() -> Optional[int]:
