@@ -39,9 +39,20 @@ def _mounts() -> List[str]:
         return sorted(" ".join(line.split()[3:5]) for line in f)
 
 
-def leftovers(mounts_before: List[str]) -> List[str]:
+def leftovers(mounts_before: List[str], wait: float = 3.0) -> List[str]:
     """What pynsbook's containers left on the host: processes under the launcher that are
-    not a waiting spare's, container cgroups of this session, and new host mounts."""
+    not a waiting spare's, container cgroups of this session, and new host mounts — after
+    ``wait`` seconds at most for the last ones to finish leaving (they do so asynchronously:
+    ``run`` returns before its container is removed)."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = _leftovers_now(mounts_before)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _leftovers_now(mounts_before: List[str]) -> List[str]:
     import psutil
 
     from .. import cgroups

@@ -103,6 +103,10 @@ class Fleet:
     def stop_all(self) -> None:
         raise NotImplementedError
 
+    def shared(self) -> Dict[str, int]:
+        """Processes that serve the whole fleet (not counted per container): name -> PSS."""
+        return {}
+
     def warm_up(self) -> None:
         """One start and stop before measuring, so first-time costs (imports, probes,
         bundle building) do not land on the first point of the curve."""
@@ -123,16 +127,24 @@ class PynsbookFleet(Fleet):
         self.containers.append(Container(**CONTAINER_OPTIONS).start())
 
     def pids(self) -> List[int]:
+        from ..engine import spawn
         out = []
         for c in self.containers:
             if c.init_pid:
-                # the init's parent: the launcher that took it over from its shim (counted
-                # once for the fleet), or its shim on the slow path
+                # the init's parent is its shim on the slow path; on the fast path it is the
+                # launcher, which serves every container of the notebook (like the notebook
+                # itself, not counted per container: its PSS is reported beside the fleet's)
                 parent = procfs.ppid(c.init_pid)
-                if parent:
+                if parent and parent != spawn.launcher_pid():
                     out.append(parent)
                 out += tree(c.init_pid)
         return out
+
+    def shared(self) -> Dict[str, int]:
+        """pynsbook's processes that serve all containers, with their PSS."""
+        from ..engine import spawn
+        launcher = spawn.launcher_pid()
+        return {"launcher": pss(launcher)} if launcher else {}
 
     def stop_all(self) -> None:
         while self.containers:
@@ -297,6 +309,10 @@ class VMFleet(Fleet):
     def pids(self) -> List[int]:
         return list(self.qemu)
 
+    def shared(self) -> Dict[str, int]:
+        """Processes that serve the whole fleet (not counted per container): name -> PSS."""
+        return {}
+
     def warm_up(self) -> None:  # a whole boot is too dear: prepare the kernel only
         from .. import vm
         self.kernel, self.initramfs = vm.prepare(self.kernel_path)
@@ -352,6 +368,7 @@ def run_fleet(fleet: Fleet, n: int, show_progress: bool = True) -> SubjectResult
                 points.append(_point(fleet, i, base, time.perf_counter() - t_all))
         if started and (not points or points[-1]["n"] != started):
             points.append(_point(fleet, started, base, time.perf_counter() - t_all))
+        res.meta["shared_pss"] = fleet.shared()
     finally:
         bar.close()
         res.meta["label"] = fleet.label
@@ -424,6 +441,8 @@ def format_density(run: BenchRun) -> str:
                      f"{fmt_time(r.median):>10} {r.meta['throughput_per_s']:>7.1f}")
         if r.reason:
             lines.append(f"  note: {r.reason}")
+        for name, size in (r.meta.get("shared_pss") or {}).items():
+            lines.append(f"  plus, once for all its containers: the {name}, {size / mib:.1f} MiB")
         first, last = r.samples[: max(1, len(r.samples) // 10)], r.samples[-max(1, len(r.samples) // 10):]
         if len(r.samples) >= 10:
             from .stats import median

@@ -21,7 +21,11 @@ from .shim import _fail
 def setup(cfg: Dict[str, Any]) -> None:
     """Everything between fork and ready, in the order the kernel requires."""
     if not cfg.get("handoff"):
-        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the shim died: so does the container
+        # the shim (staying, on the slow path) died: so does the container. A handed-over
+        # init sets none: the shim's exit would send it (the kernel sends it when the
+        # parent exits, and a flag set just before the hand-over catches that exit); its
+        # lifeline ends it instead, and the client removes the cgroup if the launcher died.
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     for path in cfg["cgroup_join"]:  # join before unsharing the cgroup namespace
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -78,15 +82,9 @@ def idle(sock: socket.socket) -> None:
     os._exit(0)
 
 
-def init_main(sock: socket.socket, cfg: Dict[str, Any], shim_gone: int = -1) -> None:
-    """``shim_gone``: a pipe that reads end of file once the shim has exited and the
-    launcher has become our parent (only then may the parent's death kill us)."""
+def init_main(sock: socket.socket, cfg: Dict[str, Any]) -> None:
     try:
         setup(cfg)
-        if shim_gone >= 0:
-            os.read(shim_gone, 1)
-            os.close(shim_gone)
-            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher died: so do we
     except BaseException as err:  # any failure: report it and leave
         _fail(sock, err)
     program = tiny.load()

@@ -26,6 +26,7 @@ WARM_AFTER = 2
 MAX_SHAPES = 4
 
 _lock = threading.Lock()
+_ready = threading.Condition(_lock)  # a spare in preparation was stored, or failed
 _spares: Dict[Tuple, "Container"] = {}
 _starts: Dict[Tuple, int] = {}
 _enabled = os.environ.get("PYNSBOOK_POOL", "1") != "0"
@@ -61,12 +62,19 @@ def shape(spec: "Spec", plan: "Plan", keep: Tuple[str, ...] = ()) -> Optional[Tu
     return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup, tuple(keep))
 
 
+#: how long a start waits for a spare that is being prepared: finishing it is never slower
+#: than starting another container beside it, on a machine with few cores
+WAIT_FOR_SPARE = 1.0
+
+
 def take(key: Optional[Tuple]) -> Optional["Container"]:
     """A ready spare of this shape (removed from the pool), or None."""
     if key is None or not _enabled or getattr(_bypass, "on", False):
         return None
     with _lock:
         _starts[key] = _starts.get(key, 0) + 1
+        if key in _spares and _spares[key] is None:  # being prepared: wait for it
+            _ready.wait_for(lambda: _spares.get(key) is not None, WAIT_FOR_SPARE)
         spare = _spares.pop(key, None)
     if spare is not None and not spare.running:
         spare.stop()
@@ -101,12 +109,15 @@ def _start_spare(key: Tuple, spec: "Spec") -> None:
         spare.start()
     except BaseException:
         with _lock:
-            _spares.pop(key, None)
+            if key in _spares and _spares[key] is None:
+                del _spares[key]
+            _ready.notify_all()
         return
     with _lock:
-        if _enabled and _spares.get(key, 0) is None:
+        if _enabled and key in _spares and _spares[key] is None:
             _spares[key] = spare
             spare = None
+        _ready.notify_all()
     if spare is not None:
         spare.stop()
 
@@ -122,5 +133,6 @@ def drain() -> None:
     with _lock:
         waiting = [c for c in _spares.values() if c is not None]
         _spares.clear()
+        _ready.notify_all()
     for c in waiting:
         c.stop(timeout=0.2)

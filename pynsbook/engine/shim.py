@@ -86,20 +86,15 @@ def run_shim(sock: socket.socket, cfg: Dict[str, Any]) -> None:
     as its own process (the slow path), it stays and does that itself."""
     program = tiny.load()  # before the fork: the init becomes it too
     handoff = bool(cfg.get("handoff"))
-    gone_r = gone_w = -1
     try:
         enter_user_and_pid(sock, cfg)
-        if handoff:  # init reads end of file here once we are gone (see init.init_main)
-            gone_r, gone_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except OSError as err:
         _fail(sock, err)
         return
     if pid == 0:
         from .init import init_main
-        if handoff:
-            os.close(gone_w)
-        init_main(sock, cfg, gone_r)  # never returns
+        init_main(sock, cfg)  # never returns
     protocol.send(sock, {"event": "init", "pid": pid})
     sock.close()
     if handoff:
