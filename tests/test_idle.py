@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 
 import psutil
 import pytest
@@ -55,22 +53,23 @@ def test_an_idle_container_is_one_small_compiled_process_in_the_launchers_care()
 def test_a_run_enters_the_containers_namespaces_and_cgroup_but_what_waits_for_it_does_not():
     kinds = [k for k in ("ipc", "mnt", "net", "pid", "user", "uts") if os.path.exists(f"/proc/self/ns/{k}")]
     with Container(memory="64M", best_effort=True) as c:  # a cgroup where the host has one
-        code = ("import os\nfor k in %r:\n    print(k, os.stat(f'/proc/self/ns/{k}').st_ino)\n"
-                "import time; time.sleep(1)" % (kinds,))
-        seen = {}
-        t = threading.Thread(target=lambda: seen.update(r=c.run(code)))
-        t.start()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not any(j.host_pid for j in c._jobs.values()):
-            time.sleep(0.02)
-        job = next(j for j in c._jobs.values() if j.host_pid)
+        code = ("import os, time\nfor k in %r:\n    print(k, os.stat(f'/proc/self/ns/{k}').st_ino)\n"
+                "time.sleep(1)" % (kinds,))
+        members = []
+
+        def on_output(_text: str) -> None:  # the run is alive (it sleeps after printing)
+            if not members and c.cgroup is not None:
+                job = next(j for j in list(c._jobs.values()) if not j.worker)
+                assert job.started.wait(10)  # its entrant's report may come after the output
+                members.append((job, set(c.cgroup.pids())))
+
+        r = c.run(code, on_stdout=on_output)
         if c.cgroup is not None:
-            inside = set(c.cgroup.pids())
+            job, inside = members[0]
             assert job.host_pid in inside and c.init_pid in inside
             assert job.entrant_pid not in inside  # pynsbook's waiting is not charged to the cell
-        t.join(10)
         init_ns = {k: os.stat(f"/proc/{c.init_pid}/ns/{k}").st_ino for k in kinds}
-        run_ns = {line.split()[0]: int(line.split()[1]) for line in seen["r"].stdout.splitlines()}
+        run_ns = {line.split()[0]: int(line.split()[1]) for line in r.stdout.splitlines()}
         assert run_ns == init_ns
 
 
@@ -102,12 +101,13 @@ def test_the_fallbacks_do_what_the_fast_path_does(env):
             assert c.run("print(6 * 7)").stdout == "42\\n"
             code = ("import signal, sys, time\\n"
                     "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7))\\n"
-                    "time.sleep(20)")
-            got = []
-            t = threading.Thread(target=lambda: got.append(c.run(code)))
-            t.start(); time.sleep(0.5)
-            os.kill(c.init_pid, signal.SIGUSR1)  # the Python init forwards it too
-            t.join(10)
+                    "print('armed', flush=True); time.sleep(20)")
+            got, armed = [], threading.Event()
+            t = threading.Thread(target=lambda: got.append(c.run(code, on_stdout=lambda s: armed.set())))
+            t.start()
+            assert armed.wait(60)  # the slow path starts a new Python: slow under emulation
+            os.kill(c.init_pid, signal.SIGUSR1)  # forwarded by whichever init runs
+            t.join(20)
             assert got and got[0].exit_code == 7, got
         r = pynsbook.run("x = bytearray(10)")
         assert r.exit_code == 0
@@ -116,7 +116,7 @@ def test_the_fallbacks_do_what_the_fast_path_does(env):
     """)
     env = dict(os.environ, PYNSBOOK_POOL="0", **env)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=120, env=env, cwd=helpers.REPO)
+                       timeout=300, env=env, cwd=helpers.REPO)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 

@@ -10,7 +10,8 @@ init while it is idle. The launcher forks an *entrant* per run; the entrant
    apply to children), and forks the run's process;
 3. in that child: joins the cgroup through files opened outside (the cgroup namespace
    would hide the way in), enters the other namespaces in nsenter's order, sets a hostname
-   the client asked for, and becomes the workload (workload.run_workload);
+   the client asked for, and becomes the workload (workload.run_workload); the entrant
+   reports ``started`` once the child is in;
 4. serves the client on the run's own socket, as an init would: ``started`` and ``exited``
    (with rusage) events, ``signal`` requests for the run's process group; when the client's
    end closes, it kills the group and leaves.
@@ -65,8 +66,9 @@ def _inside_pid(host_pid: int) -> int:
 
 
 def _child(cfg: Dict[str, Any], ns: Dict[str, int], joins: List[int], msg: Dict[str, Any],
-           fds: List[int]) -> None:
-    """In the fork: join, enter, become the run. Never returns."""
+           fds: List[int], inside: int) -> None:
+    """In the fork: join, enter, say so on ``inside`` (by closing it), become the run.
+    Never returns."""
     try:
         for fd in joins:
             os.write(fd, b"0")  # this process has one thread: it moves whole
@@ -78,7 +80,7 @@ def _child(cfg: Dict[str, Any], ns: Dict[str, int], joins: List[int], msg: Dict[
     except OSError as err:
         os.write(2, f"pynsbook: could not enter the container: {err}\n".encode())
         os._exit(125)
-    for fd in list(ns.values()) + joins:
+    for fd in list(ns.values()) + joins + [inside]:
         os.close(fd)
     run_workload(msg, fds)  # never returns
 
@@ -100,13 +102,18 @@ class Entrant:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         sys.stdout.flush()
         sys.stderr.flush()
+        inside_r, inside_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
             self.sock.close()
-            _child(cfg, ns, joins, msg, fds)
-        for fd in list(ns.values()) + joins + fds:
+            os.close(inside_r)
+            _child(cfg, ns, joins, msg, fds, inside_w)
+        for fd in list(ns.values()) + joins + fds + [inside_w]:
             os.close(fd)
+        # "started" means in the cgroup and the namespaces: what it uses from now on counts
+        os.read(inside_r, 1)
+        os.close(inside_r)
         self.pid = pid
         protocol.send(self.sock, {"event": "started", "id": self.rid, "pid": _inside_pid(pid),
                                   "host_pid": pid, "entrant": os.getpid()})
