@@ -133,6 +133,7 @@ def test_doctor_says_how_to_get_the_small_init_when_there_is_no_compiler(tmp_pat
 
 
 @CONTAINER
+@pytest.mark.no_vm  # 200 starts take minutes under emulation
 def test_two_hundred_containers_in_a_row_all_run():
     """Back to back, spares handed over and adopted while others end: every one runs (a
     parent-death signal set at the hand-over once killed about one init in 300)."""
