@@ -369,11 +369,14 @@ class Container:
             pass
         if wait:
             self._cleanup()
+            pool.refill(self._pool_key, self.spec)
         else:
             self._end()
+            # the next spare first: the next start may be waiting for it, while removing
+            # this one is mostly waiting for the kernel. Prepared once this container's
+            # run is over, so it never competes with a running cell.
+            pool.refill(self._pool_key, self.spec)
             background.submit(self._cleanup)
-        # prepared after this one is gone, so it never competes with a running cell
-        pool.refill(self._pool_key, self.spec)
 
     def _end(self) -> None:
         """Tell the init to end the container now (the first, quick part of clean-up)."""
