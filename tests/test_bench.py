@@ -139,6 +139,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     for args, words in ((["startup", "--subjects", "fork,nope"], "unknown subject 'nope'"),
                         (["density", "-n", "0"], "-n must be between 1 and"),
                         (["density", "-n", "5000"], "-n must be between 1 and"),
+                        (["churn", "-n", "5"], "-n must be between 10 and"),
+                        (["churn", "--subjects", "nope"], "unknown subject 'nope'"),
                         (["startup", "--subjects", "microvm", "--kernel", str(tmp_path / "no")],
                          "does not exist"),
                         (["startup", "--subjects", "fork", "--json", "/nonexistent/x.json"],
@@ -261,6 +263,18 @@ def test_small_density_run_stops_everything(no_leaks):
         assert r.status == "ok", r.reason
         assert r.meta["started"] == 3 and r.meta["memory_per_container"] > 0
         assert [p["n"] for p in r.meta["points"]] == [1, 2, 3]
+
+
+@pytest.mark.needs("root", "cgroups")
+def test_churn_times_each_start_reports_growth_and_finds_nothing_left(no_leaks):
+    from pynsbook.bench.churn import format_churn, run_churn
+    run = run_churn(20, "pynsbook,pynsbook-unprepared", show_progress=False)
+    for r in run.results:
+        assert r.status == "ok", r.reason
+        assert len(r.samples) == 20 and all(t > 0 for t in r.samples)
+        assert r.meta["growth"] is not None and r.meta["left_behind"] == []
+    text = format_churn(run)
+    assert text.count("issue 7 goal") == 2 and "nothing" in text
 
 
 @pytest.mark.needs("root", "cgroups")
