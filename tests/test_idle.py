@@ -38,15 +38,22 @@ def _maps(pid: int) -> str:
 @CONTAINER
 @pytest.mark.needs("cc")
 def test_an_idle_container_is_one_small_compiled_process_in_the_launchers_care():
-    from pynsbook.engine import spawn
-    with Container() as c:
+    from pynsbook.engine import pool, spawn
+    from pynsbook.linux import procfs
+    with pool.bypassed():  # a new container, not an adopted spare (that has a worker ready)
+        c = Container().start()
+    try:
         assert _comm(c.init_pid) == "pynsbook-init"  # init says ready from the compiled program
         assert "python" not in _maps(c.init_pid).lower()  # no interpreter mapped at all
-        # the shim handed init over to the launcher (a child subreaper) and left
+        # the shim handed init over to the launcher (a child subreaper) and left: of the
+        # container's session, only init remains
         assert _ppid(c.init_pid) == spawn.launcher_pid()
-        launcher = psutil.Process(spawn.launcher_pid())
-        assert not [p for p in launcher.children() if p.name() == "pynsbook-shim"]
+        members = [p.pid for p in psutil.Process(spawn.launcher_pid()).children(recursive=True)
+                   if procfs.session(p.pid) == c._shim.pid]
+        assert members == [c.init_pid]
         assert c.run("print('still works')").stdout == "still works\n"
+    finally:
+        c.stop()
 
 
 @CONTAINER
@@ -86,11 +93,13 @@ def test_a_run_in_a_container_whose_init_was_killed_is_refused_with_a_clear_erro
 
 
 @CONTAINER
-@pytest.mark.parametrize("env", [{"PYNSBOOK_TINY_INIT": "0"}, {"PYNSBOOK_LAUNCHER": "0"}],
-                         ids=["python-init", "no-launcher"])
+@pytest.mark.parametrize("env", [{"PYNSBOOK_TINY_INIT": "0"}, {"PYNSBOOK_LAUNCHER": "0"},
+                                 {"PYNSBOOK_TINY_INIT": "0", "PYNSBOOK_LAUNCHER": "0"}],
+                         ids=["python-init", "no-launcher", "python-init-and-shim"])
 def test_the_fallbacks_do_what_the_fast_path_does(env):
-    """Without a compiler (Python init and shim), and without the warm launcher (the shim
-    stays and waits, runs enter through new Python processes): the same runs, signals and
+    """Without a compiler (Python init), without the warm launcher (the shim stays and
+    waits, in the compiled program; runs enter through new Python processes), and without
+    both (the Python shim waits and removes the cgroups): the same runs, signals and
     clean-up."""
     script = textwrap.dedent("""
         import os, signal, threading, time, pynsbook

@@ -187,7 +187,8 @@ def _kill_and_rmdir(directory: str) -> None:
 class Cgroup(abc.ABC):
     """One container's cgroup (across v1 hierarchies, or one v2 directory)."""
 
-    #: files the container's init writes "0" to, to join the cgroup (it is single-threaded)
+    #: files a container's init, and each run's process, write "0" to, to join the cgroup
+    #: (each is single-threaded then)
     join_files: Tuple[str, ...] = ()
     #: a path to show users (v2 directory, or v1 memory hierarchy path)
     path: str = ""

@@ -164,7 +164,8 @@ class _Job:
 
 
 class Container:
-    """A container: namespaces, a cgroup and a root filesystem, with an init serving runs.
+    """A container: namespaces, a cgroup and a root filesystem, kept by a small init; each
+    run enters it from outside (entrant.py).
 
     >>> with Container("demo", memory="64M") as c:
     ...     c.run("print('hello')").stdout
@@ -587,8 +588,8 @@ class Container:
         return self._repl
 
     def _start_worker(self) -> "_Repl":
-        """Ask the init to fork a Python worker; returns at once (requests queue on its
-        socket until it reads them)."""
+        """Start a Python worker in the container (through an entrant); returns at once
+        (requests queue on its socket until it reads them)."""
         rid = str(next(self._ids))
         job = self._jobs[rid] = _Job(rid, worker=True)
         ours, theirs = protocol.pair()
@@ -749,8 +750,11 @@ class Container:
                     on_stderr(note)
         if job.error is not None:
             raise job.error
-        if job.code is None:  # the init itself is gone: the container is broken, not the code
-            raise self._died_early()
+        if job.code is None and (self._dead.is_set() or not self.running):
+            raise self._died_early()  # the init is gone: the container is broken, not the code
+        if job.code is None:  # what followed the run ended (the launcher was killed?)
+            raise ContainerError("pynsbook lost track of this run: the process that waited "
+                                 "for it ended; the container still runs")
         result.exit_code = job.code
         result.signal = job.signal
         self._account(result, job, before, sampler)

@@ -77,8 +77,8 @@ def _child(cfg: Dict[str, Any], ns: Dict[str, int], joins: List[int], msg: Dict[
                 libc.setns(ns[kind], libc.NS_FLAGS[kind])
         if msg.get("hostname"):
             socket.sethostname(msg["hostname"])
-    except OSError as err:
-        os.write(2, f"pynsbook: could not enter the container: {err}\n".encode())
+    except OSError as err:  # told to the entrant, which reports it as the run's error
+        os.write(inside, f"could not enter the container: {err.strerror or err}".encode())
         os._exit(125)
     for fd in list(ns.values()) + joins + [inside]:
         os.close(fd)
@@ -112,9 +112,12 @@ class Entrant:
         for fd in list(ns.values()) + joins + fds + [inside_w]:
             os.close(fd)
         # "started" means in the cgroup and the namespaces: what it uses from now on counts
-        os.read(inside_r, 1)
+        failed = os.read(inside_r, 4096)
         os.close(inside_r)
         self.pid = pid
+        if failed:
+            os.waitpid(pid, 0)
+            raise ContainerError(failed.decode(errors="replace"))
         protocol.send(self.sock, {"event": "started", "id": self.rid, "pid": _inside_pid(pid),
                                   "host_pid": pid, "entrant": os.getpid()})
 
@@ -175,11 +178,14 @@ def run_entrant(sock: socket.socket, req: Dict[str, Any], fds: List[int]) -> Non
         entrant = Entrant(sock, str(req["msg"]["id"]))
         try:
             entrant.start(req["cfg"], req["msg"], fds)
-        except OSError as err:
-            gone = isinstance(err, (ProcessLookupError, FileNotFoundError))
-            payload = (ContainerStateError("the container has ended") if gone else
-                       ContainerError(f"could not run in the container: {err.strerror or err}",
-                                      err.errno)).to_dict()
+        except (OSError, ContainerError) as err:
+            if isinstance(err, ContainerError):
+                payload = err.to_dict()
+            elif isinstance(err, (ProcessLookupError, FileNotFoundError)):
+                payload = ContainerStateError("the container has ended").to_dict()
+            else:
+                payload = ContainerError(f"could not run in the container: {err.strerror or err}",
+                                         err.errno).to_dict()
             protocol.send(sock, {"event": "error", "id": req["msg"]["id"], "error": payload})
             status = 125
             return

@@ -24,7 +24,8 @@ def setup(cfg: Dict[str, Any]) -> None:
         # the shim (staying, on the slow path) died: so does the container. A handed-over
         # init sets none: the shim's exit would send it (the kernel sends it when the
         # parent exits, and a flag set just before the hand-over catches that exit); its
-        # lifeline ends it instead, and the client removes the cgroup if the launcher died.
+        # lifeline ends it instead; if the launcher died, the client removes the cgroup when
+        # it stops the container (a client that died too: the next session reaps it).
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
     for path in cfg["cgroup_join"]:  # join before unsharing the cgroup namespace
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)

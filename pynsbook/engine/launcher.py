@@ -19,8 +19,8 @@ The launcher is a child subreaper: each shim hands its init over to it and exits
 container holds one small process, not two. The launcher then waits for the init (it knows
 it by its session, which is the shim's PID) and removes the container's cgroups, as the
 shim did.
-When the client's socket closes, the launcher exits; each container still ends through its
-own socket, as on the slow path.
+When the client's socket closes, each container ends through its own socket (its lifeline),
+and the launcher leaves once it has removed what the last of them left.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from . import workload as _workload  # noqa: F401
 from ..linux import libc, procfs
 from ..linux import rootfs as _rootfs  # noqa: F401
 from .entrant import run_entrant
-from .shim import HANDED_OVER, remove_cgroups, run_shim
+from .shim import remove_cgroups, run_shim
 
 
 class _Shim:
@@ -127,7 +127,7 @@ class Launcher:
         for fd in fds:
             os.close(fd)
         self.children[pid] = _Shim(list(cfg.get("cgroup_dirs") or []))
-        protocol.send(self.sock, {"event": "spawned", "pid": pid})
+        self._tell({"event": "spawned", "pid": pid})
 
     def _enter(self, req: Dict[str, Any], fds: List[int]) -> None:
         try:
@@ -153,17 +153,30 @@ class Launcher:
         for fd in fds:
             os.close(fd)
 
+    def _tell(self, msg: Dict[str, Any]) -> None:
+        """Report to the client; if it is gone, go on removing what its containers leave."""
+        if self.closing:
+            return
+        try:
+            protocol.send(self.sock, msg)
+        except OSError:
+            self.closing = True
+
+    def _members(self, shim: int) -> List[int]:
+        """The container's init (session = the shim's PID): the shim's child before the
+        hand-over, ours after. PIDs of unreaped children cannot be reused meanwhile."""
+        return [p for p in procfs.children(shim) + procfs.children(os.getpid())
+                if p != shim and procfs.session(p) == shim]
+
     def _kill(self, shim: int) -> None:
-        """SIGKILL a container: its shim, or the init it handed over (our child, so its PID
-        is still its own until we reap it)."""
+        """SIGKILL a container: its shim and its init, whether handed over yet or not."""
         if shim not in self.children:
             return
-        for pid in [shim] + procfs.children(os.getpid()):
-            if pid == shim or procfs.session(pid) == shim:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for pid in ([] if self.children[shim].handed_over else [shim]) + self._members(shim):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _reap(self) -> None:
         while True:
@@ -179,17 +192,19 @@ class Launcher:
             code = os.waitstatus_to_exitcode(status)
             code = code if code >= 0 else 128 - code
             shim = self.children.get(pid)
-            if shim is not None and code == HANDED_OVER and not shim.handed_over:
-                shim.handed_over = True  # its init lives on, in our care
-                continue
-            if shim is None and owner in self.children and owner != pid:
-                pid, shim = owner, self.children[owner]  # an init that was handed over
-                remove_cgroups(shim.dirs)
-            if shim is None:
-                continue  # an entrant: it reported on its run's socket
+            if shim is not None:  # a shim ended
+                if self._members(pid):
+                    # its init lives on, reparented to us before the shim could be reaped
+                    # (also when the shim failed, or was killed, after forking it)
+                    shim.handed_over = True
+                    continue
+            elif owner in self.children and owner != pid:  # a handed-over init ended
+                pid, shim = owner, self.children[owner]
+            else:
+                continue  # an entrant (it reported on its run's socket), or an orphan
+            remove_cgroups(shim.dirs)  # the container is over (or never was)
             del self.children[pid]
-            if not self.closing:
-                protocol.send(self.sock, {"event": "exited", "pid": pid, "status": code})
+            self._tell({"event": "exited", "pid": pid, "status": code})
         if self.closing and not self.children:
             os._exit(0)
 

@@ -74,7 +74,7 @@ def take(key: Optional[Tuple]) -> Optional["Container"]:
     with _lock:
         _starts[key] = _starts.get(key, 0) + 1
         if key in _spares and _spares[key] is None:  # being prepared: wait for it
-            _ready.wait_for(lambda: _spares.get(key) is not None, WAIT_FOR_SPARE)
+            _ready.wait_for(lambda: _spares.get(key, 0) is not None, WAIT_FOR_SPARE)
         spare = _spares.pop(key, None)
     if spare is not None and not spare.running:
         spare.stop()

@@ -95,7 +95,10 @@ def run_shim(sock: socket.socket, cfg: Dict[str, Any]) -> None:
     if pid == 0:
         from .init import init_main
         init_main(sock, cfg)  # never returns
-    protocol.send(sock, {"event": "init", "pid": pid})
+    try:
+        protocol.send(sock, {"event": "init", "pid": pid})
+    except OSError:
+        pass  # the client is gone: init sees that on the same socket, and ends
     sock.close()
     if handoff:
         os._exit(HANDED_OVER)

@@ -54,10 +54,13 @@ class Shim:
     def kill(self) -> None:
         if self._exited.is_set():
             return
-        if self.launcher is not None and self.launcher.alive:
-            self.launcher.kill(self.pid)  # it knows the init the shim handed over
+        if self.launcher is not None:
+            # its launcher owns these PIDs (the shim's is reaped once it hands init over):
+            # kill through it, or, with the launcher gone, not at all (the lifeline ends init)
+            if self.launcher.alive:
+                self.launcher.kill(self.pid)
             return
-        try:  # a shim whose launcher is gone: it ended, or it is still ours to kill
+        try:  # a shim of the slow path: our child, not reaped yet
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -191,12 +194,13 @@ class LauncherClient:
             return True
 
     def close(self) -> None:
+        """Let the launcher go: it leaves once the inits it took over have ended (their
+        lifelines close with this process) and their cgroups are removed."""
         self.sock.close()
         try:
-            self.popen.wait(2)
+            self.popen.wait(5)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+            pass  # not killed: it would leave those cgroups behind
 
 
 def _watch_orphan(shim: Shim) -> None:
@@ -246,7 +250,7 @@ def start_entrant(req: Dict[str, Any], ours: socket.socket, theirs: socket.socke
     popen = subprocess.Popen(
         [sys.executable, "-m", "pynsbook.engine.entrant", str(theirs.fileno())],
         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=None, env=_child_env(), cwd="/")
+        stderr=None, env=_child_env(), cwd="/", start_new_session=True)
     protocol.send(ours, req, fds)
     return popen
 

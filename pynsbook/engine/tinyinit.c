@@ -19,7 +19,9 @@
  *                               and exit with PID's status (128+N for signal N).
  *
  * pynsbook/engine/tiny.py compiles it once per machine; without a C compiler the same
- * work is done in Python (init.py, shim.py), which is slower to idle but equivalent.
+ * work is done in Python (init.py, shim.py), which holds more memory but is equivalent.
+ * Under the warm launcher the shim hands init over and exits at once (launcher.py waits
+ * and removes the cgroups); "shim" mode is for the slow path, without a launcher.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -87,7 +89,7 @@ static int run_init(int fd)
 			if (pid1 && si.ssi_signo != SIGCHLD)
 				kill(-1, (int)si.ssi_signo);
 		}
-		if (p[0].revents & (POLLHUP | POLLERR))
+		if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL))
 			return 0;
 		if (p[0].revents & POLLIN) {
 			/* nothing is asked of this init: a message (or descriptors beside it,
