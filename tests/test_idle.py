@@ -57,7 +57,7 @@ def test_an_idle_container_is_one_small_compiled_process_in_the_launchers_care()
 
 
 @CONTAINER
-def test_a_run_enters_the_containers_namespaces_and_cgroup_but_what_waits_for_it_does_not():
+def test_a_run_enters_the_containers_namespaces_and_cgroup_and_what_waits_for_it_is_not_charged():
     kinds = [k for k in ("ipc", "mnt", "net", "pid", "user", "uts") if os.path.exists(f"/proc/self/ns/{k}")]
     with Container(memory="64M", best_effort=True) as c:  # a cgroup where the host has one
         code = ("import os, time\nfor k in %r:\n    print(k, os.stat(f'/proc/self/ns/{k}').st_ino)\n"
