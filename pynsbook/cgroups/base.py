@@ -161,6 +161,10 @@ def reap_sessions(tops: Iterable[str], own: str, remove: Callable[[str], None]) 
                 removed.add(s)
             except OSError:
                 pass
+        try:
+            os.rmdir(top)  # pynsbook's own directory, if no session is left in it
+        except OSError:
+            pass
     return sorted(removed)
 
 

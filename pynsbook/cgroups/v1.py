@@ -90,8 +90,8 @@ class V1Backend(Backend):
         try:
             os.mkdir(path)
         except FileExistsError:
-            return
-        if cpuset:
+            pass
+        if cpuset:  # also when it exists: its maker (another session) may not have filled it yet
             self._fill_cpuset(path, parent)
 
     def create(self, container: str) -> Cgroup:

@@ -71,6 +71,7 @@ def remove_cgroups(dirs: List[str]) -> None:
     for session in {os.path.dirname(d) for d in dirs}:
         try:
             os.rmdir(session)  # the session's last container: the client may be gone too
+            os.rmdir(os.path.dirname(session))  # and pynsbook's own, the last session's
         except OSError:
             pass
 

@@ -173,13 +173,17 @@ static int run_shim(pid_t init, int ndirs, char **dirs)
 	}
 	for (int i = 0; i < ndirs; i++)
 		remove_tree(dirs[i], 0);
-	/* the session's last container: its directory goes too (the client may be gone) */
+	/* the session's last container: its directory goes too (the client may be gone),
+	 * and pynsbook's own directory above it, if that was the last session */
 	for (int i = 0; i < ndirs; i++) {
-		char *slash = strrchr(dirs[i], '/');
+		for (int up = 0; up < 2; up++) {
+			char *slash = strrchr(dirs[i], '/');
 
-		if (slash && slash != dirs[i]) {
+			if (!slash || slash == dirs[i])
+				break;
 			*slash = '\0';
-			rmdir(dirs[i]);
+			if (rmdir(dirs[i]) < 0)
+				break;
 		}
 	}
 	if (WIFEXITED(status))
