@@ -27,7 +27,6 @@ entrant -> client: {"event": "started", "id", "pid", "host_pid", "entrant"} (pid
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
 import sys
@@ -122,30 +121,19 @@ class Entrant:
                                   "host_pid": pid, "entrant": os.getpid()})
 
     def serve(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ, "sock")
-        sel.register(self.wake_r, selectors.EVENT_READ, "signal")
-        while True:
-            if self._reaped():
-                return
-            for key, _ in sel.select():
-                if key.data == "signal":
-                    try:
-                        os.read(self.wake_r, 512)
-                    except BlockingIOError:
-                        pass
-                    continue
-                try:
-                    msg, rfds = protocol.recv(self.sock)
-                except OSError:
-                    msg, rfds = None, []
-                for fd in rfds:
-                    os.close(fd)
+        if self._reaped():
+            return
+        for kind, msg, rfds in protocol.events(self.sock, self.wake_r):
+            for fd in rfds:
+                os.close(fd)
+            if kind == "message":
                 if msg is None:  # the client is gone, or stopped the container
                     self._signal(signal.SIGKILL)
                     return
                 if msg.get("op") == "signal":
                     self._signal(int(msg["sig"]))
+            if self._reaped():
+                return
 
     def _signal(self, signum: int) -> None:
         try:

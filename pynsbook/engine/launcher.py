@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import gc
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -63,38 +63,28 @@ class Launcher:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # only the client's socket ends us
-        sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ, "sock")
-        sel.register(self.wake_r, selectors.EVENT_READ, "signal")
-        while True:
-            for key, _ in sel.select():
-                if key.data == "signal":
-                    try:
-                        os.read(self.wake_r, 512)
-                    except BlockingIOError:
-                        pass
-                    self._reap()
-                    continue
-                try:
-                    msg, fds = protocol.recv(self.sock)
-                except OSError:
-                    msg, fds = None, []
-                if msg is None:  # the client is gone: its inits end (their lifelines
-                    self.closing = True  # closed); clean up after them, then leave
-                    sel.unregister(self.sock)
-                    self._reap()
-                    continue
-                if msg.get("op") == "spawn":
-                    self._spawn(msg["cfg"], fds)
-                elif msg.get("op") == "enter" and fds:
-                    self._enter(msg, fds)
-                elif msg.get("op") == "kill":
+        for kind, msg, fds in protocol.events(self.sock, self.wake_r):
+            if kind == "signal":
+                self._reap()
+            elif msg is None:  # the client is gone: its inits end (their lifelines closed)
+                break
+            elif msg.get("op") == "spawn":
+                self._spawn(msg["cfg"], fds)
+            elif msg.get("op") == "enter" and fds:
+                self._enter(msg, fds)
+            else:
+                if msg.get("op") == "kill":
                     self._kill(int(msg["pid"]))
-                    for fd in fds:
-                        os.close(fd)
-                else:
-                    for fd in fds:
-                        os.close(fd)
+                for fd in fds:
+                    os.close(fd)
+        self.closing = True  # remove what the last inits leave, then go
+        while True:
+            self._reap()
+            select.select([self.wake_r], [], [])
+            try:
+                os.read(self.wake_r, 512)
+            except BlockingIOError:
+                pass
 
     def _in_child(self) -> None:
         """First thing in a forked shim or entrant: default signals, none of our fds."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import socket
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -66,6 +67,29 @@ def messages(sock: socket.socket) -> Iterator[Dict[str, Any]]:
         if msg is None:
             return
         yield msg
+
+
+def events(sock: socket.socket, wake_r: int) -> Iterator[Tuple[str, Optional[Dict[str, Any]], List[int]]]:
+    """The loop of a process that serves one socket and wakes on signals through a signal
+    wakeup pipe (``signal.set_wakeup_fd``): yields ``("signal", None, [])`` once the pipe
+    is drained, or ``("message", msg, fds)``, msg None when the other end closed (or broke)."""
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, "message")
+    sel.register(wake_r, selectors.EVENT_READ, "signal")
+    while True:
+        for key, _ in sel.select():
+            if key.data == "signal":
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+                yield "signal", None, []
+                continue
+            try:
+                msg, fds = recv(sock)
+            except OSError:
+                msg, fds = None, []
+            yield "message", msg, fds
 
 
 def payload_fd(data: bytes) -> int:
