@@ -110,7 +110,9 @@ def test_the_fallbacks_do_what_the_fast_path_does(env):
             assert c.run("print(6 * 7)").stdout == "42\\n"
             code = ("import signal, sys, time\\n"
                     "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7))\\n"
-                    "print('armed', flush=True); time.sleep(20)")
+                    # short sleeps: a signal that lands just before a long sleep's syscall
+                    # would wait for its end (Python's sleep), which emulation makes likely
+                    "print('armed', flush=True)\\nfor _ in range(200): time.sleep(0.1)")
             got, armed = [], threading.Event()
             t = threading.Thread(target=lambda: got.append(c.run(code, on_stdout=lambda s: armed.set())))
             t.start()

@@ -216,12 +216,15 @@ def test_a_variable_that_cannot_be_pickled_is_refused_before_starting():
 def test_init_forwards_a_signal_from_the_host_to_the_containers_processes():
     with Container() as c:
         got = []
+        # armed first, then short sleeps: a signal landing just before a long sleep's
+        # syscall would wait for its end (Python's sleep), which emulation makes likely
         code = ("import signal, sys, time\n"
                 "signal.signal(signal.SIGUSR1, lambda *a: (print('got USR1', flush=True), sys.exit(7)))\n"
-                "time.sleep(20)")
-        t = threading.Thread(target=lambda: got.append(c.run(code)))
+                "print('armed', flush=True)\nfor _ in range(200): time.sleep(0.1)")
+        armed = threading.Event()
+        t = threading.Thread(target=lambda: got.append(c.run(code, on_stdout=lambda s: armed.set())))
         t.start()
-        time.sleep(0.5)
+        assert armed.wait(60)
         os.kill(c.init_pid, signal.SIGUSR1)  # as `kill -USR1 <init>` from the host would
-        t.join(10)
+        t.join(30)
         assert got and got[0].exit_code == 7 and "got USR1" in got[0].stdout
