@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -100,12 +102,29 @@ def _cmd(pid: int) -> str:
 
 #: users this test session created (removed again at its end)
 CREATED: List[str] = []
+#: the test user's home for this session (its caches and image store), removed at the end
+_USER_HOME: List[str] = []
 
 
 def remove_created_users() -> None:
     for user in CREATED:
         subprocess.run(["userdel", user], capture_output=True)
     CREATED.clear()
+    for home in _USER_HOME:
+        shutil.rmtree(home, ignore_errors=True)
+    _USER_HOME.clear()
+
+
+def _user_home() -> str:
+    """A private home for the test user, made once per session (not /tmp itself: what it
+    writes there would outlive the tests)."""
+    if not _USER_HOME:
+        home = tempfile.mkdtemp(prefix="pynsbook-testuser-")
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam(TEST_USER)
+            os.chown(home, pw.pw_uid, pw.pw_gid)
+        _USER_HOME.append(home)
+    return _USER_HOME[0]
 
 
 def rootless_user_available() -> Tuple[bool, str]:
@@ -133,7 +152,7 @@ def run_as_user(code: str, check: bool = True, timeout: float = 120) -> subproce
         argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups",
                 "--"] + argv
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": REPO,
-           "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+           "HOME": _user_home(), "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
     if check and r.returncode != 0:
         raise AssertionError(f"as {TEST_USER}: exit {r.returncode}\n{r.stdout}\n{r.stderr}")
