@@ -318,9 +318,9 @@ def test_rootless_import_run_commit(tmp_path, base):
     import shutil
     import tempfile
     st = tempfile.mkdtemp(prefix="pynsbook-userstore-")  # pytest's tmp_path is root's only
-    pw = pwd.getpwnam(helpers.TEST_USER)
-    os.chown(st, pw.pw_uid, pw.pw_gid)
     try:
+        pw = pwd.getpwnam(helpers.TEST_USER)
+        os.chown(st, pw.pw_uid, pw.pw_gid)
         out = _as_user(st)
     finally:
         shutil.rmtree(st)
