@@ -9,9 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import psutil
+
+from pynsbook.linux.mountinfo import mount_keys
 
 TEST_USER = "pynsbook-test"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,62 +22,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def our_cgroup_dirs() -> List[str]:
     """Container cgroups of this process's session, in every hierarchy."""
     from pynsbook import cgroups
-    from pynsbook.cgroups.base import TOP, session_name
-    backend = cgroups.backend()
-    bases = []
-    if hasattr(backend, "dirs"):
-        bases = list(backend.dirs.values())  # v1: one per hierarchy
-    elif backend.base():
-        bases = [backend.base()]
-    out = []
-    for base in bases:
-        sess = os.path.join(base, TOP, session_name())
-        try:  # a container's shim may remove the session directory meanwhile
-            names = os.listdir(sess)
-        except FileNotFoundError:
-            continue
-        out += [os.path.join(sess, d) for d in names if os.path.isdir(os.path.join(sess, d))]
-    return out
+    return cgroups.backend().session_dirs()
 
 
 def spare_pids() -> set:
     """The processes of the spare containers waiting in the pool (by design; not leaks)."""
     from pynsbook.engine import pool
-    ours = set()
-    for c in pool.spares():
-        ours.update({c._shim.pid if c._shim else None, c.init_pid})
-        ours.update(p.pid for p in _descendants(c.init_pid))
-        for job in list(c._jobs.values()):  # its Python worker, ready, and what waits for it
-            ours.update({job.entrant_pid, job.host_pid})
-            ours.update(p.pid for p in _descendants(job.entrant_pid))
-    ours.discard(None)
-    return ours
+    return pool.footprint()[0]
 
 
 def snapshot() -> Dict[str, Any]:
     from pynsbook.engine import pool, spawn
     me = psutil.Process()
     # the launcher lives as long as this process, and spares wait to be adopted: by design
-    ours = {spawn.launcher_pid()} | spare_pids()
-    spare_cgroups = set()
-    for c in pool.spares():
-        if c.cgroup is not None:
-            spare_cgroups.update(os.path.dirname(f) for f in c.cgroup.join_files)
+    spare_pids, spare_cgroups = pool.footprint()
+    ours = {spawn.launcher_pid()} | spare_pids
     children = {p.pid for p in me.children(recursive=True)} - ours
     return {"children": children, "spare_cgroups": spare_cgroups,
-            "mounts": _mounts(), "cgroups": set(our_cgroup_dirs()) - spare_cgroups}
-
-
-def _descendants(pid: Optional[int]) -> List[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True) if pid else []
-    except psutil.Error:
-        return []
-
-
-def _mounts() -> List[str]:
-    with open("/proc/self/mountinfo") as f:
-        return sorted(" ".join(line.split()[3:5]) for line in f)
+            "mounts": mount_keys(), "cgroups": set(our_cgroup_dirs()) - spare_cgroups}
 
 
 def assert_nothing_left(before: Dict[str, Any], timeout: float = 3.0) -> None:

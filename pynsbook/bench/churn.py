@@ -10,10 +10,10 @@ a waiting spare are pynsbook's by design, and are named as such).
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Dict, List, Optional
 
+from ..linux.mountinfo import mount_keys
 from .harness import BenchRun, BenchUsageError, SubjectResult, environment, progress
 from .stats import median
 from .subjects import OCIPeer, PynsbookCold, parse_subjects
@@ -34,11 +34,6 @@ def growth(samples: List[float]) -> Optional[float]:
     return median(samples[-k:]) / median(samples[:k])
 
 
-def _mounts() -> List[str]:
-    with open("/proc/self/mountinfo") as f:
-        return sorted(" ".join(line.split()[3:5]) for line in f)
-
-
 def leftovers(mounts_before: List[str], wait: float = 3.0) -> List[str]:
     """What pynsbook's containers left on the host: processes under the launcher that are
     not a waiting spare's, container cgroups of this session, and new host mounts — after
@@ -56,33 +51,17 @@ def _leftovers_now(mounts_before: List[str]) -> List[str]:
     import psutil
 
     from .. import cgroups
-    from ..cgroups.base import TOP, session_name
     from ..engine import background, pool, spawn
     background.drain(10)
-    spare_pids, spare_dirs = set(), set()
-    for c in pool.spares():
-        spare_pids.update({c._shim.pid if c._shim else 0, c.init_pid or 0})
-        for job in list(c._jobs.values()):
-            spare_pids.update({job.entrant_pid or 0, job.host_pid or 0})
-        if c.cgroup is not None:
-            spare_dirs.update(os.path.dirname(f) for f in c.cgroup.join_files)
+    spare_pids, spare_dirs = pool.footprint()
     out: List[str] = []
     launcher = spawn.launcher_pid()
     if launcher:
-        for p in psutil.Process(launcher).children(recursive=True):
-            if p.pid not in spare_pids and p.ppid() not in spare_pids:
-                out.append(f"process {p.pid} ({' '.join(p.cmdline())[:60]})")
-    backend = cgroups.backend()
-    bases = list(getattr(backend, "dirs", {}).values()) or ([backend.base()] if backend.base() else [])
-    for base in bases:
-        sess = os.path.join(base, TOP, session_name())
-        try:
-            names = os.listdir(sess)
-        except FileNotFoundError:
-            continue
-        out += [f"cgroup {os.path.join(sess, n)}" for n in names
-                if os.path.isdir(os.path.join(sess, n)) and os.path.join(sess, n) not in spare_dirs]
-    out += [f"mount {m}" for m in sorted(set(_mounts()) - set(mounts_before))]
+        out += [f"process {p.pid} ({' '.join(p.cmdline())[:60]})"
+                for p in psutil.Process(launcher).children(recursive=True)
+                if p.pid not in spare_pids]
+    out += [f"cgroup {d}" for d in cgroups.backend().session_dirs() if d not in spare_dirs]
+    out += [f"mount {m}" for m in sorted(set(mount_keys()) - set(mounts_before))]
     return out
 
 
@@ -100,7 +79,7 @@ def run_churn(n: int = 500, kinds: Optional[str] = None, show_progress: bool = T
         if why:
             res.status, res.reason = "skipped", why
             continue
-        mounts = _mounts()
+        mounts = mount_keys()
         bar = progress(n, f"churn {kind}", show_progress)
         try:
             subject.setup()

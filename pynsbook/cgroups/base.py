@@ -259,6 +259,23 @@ class Backend(abc.ABC):
         """Remove what dead sessions left; return the session names removed."""
         return []
 
+    def tops(self) -> List[str]:
+        """pynsbook's own directory in each hierarchy its containers use."""
+        return []
+
+    def session_dirs(self) -> List[str]:
+        """The container cgroups of this process's session, in every hierarchy (to see
+        what is there: for clean-up checks and benchmarks)."""
+        out: List[str] = []
+        for top in self.tops():
+            sess = os.path.join(top, session_name())
+            try:  # the last container's removal may take the session directory meanwhile
+                names = os.listdir(sess)
+            except FileNotFoundError:
+                continue
+            out += [os.path.join(sess, n) for n in names if os.path.isdir(os.path.join(sess, n))]
+        return out
+
     def can_swap(self) -> bool:
         return False
 

@@ -114,9 +114,11 @@ class V1Backend(Backend):
             raise
         return V1Cgroup(dirs, self)
 
+    def tops(self) -> List[str]:
+        return [os.path.join(d, TOP) for d in self._dirs_used().values()]
+
     def reap_stale(self) -> List[str]:
-        tops = [os.path.join(d, TOP) for d in self._dirs_used().values()]
-        return reap_sessions(tops, self.session, _kill_and_rmdir)
+        return reap_sessions(self.tops(), self.session, _kill_and_rmdir)
 
 
 class V1Cgroup(Cgroup):

@@ -139,11 +139,11 @@ class V2Backend(Backend):
         os.mkdir(path)
         return V2Cgroup(path)
 
+    def tops(self) -> List[str]:
+        return [os.path.join(self._base, TOP)] if self._base else []
+
     def reap_stale(self) -> List[str]:
-        if not self._base:
-            return []
-        return reap_sessions([os.path.join(self._base, TOP)], self.session,
-                             lambda d: V2Cgroup(d).remove())
+        return reap_sessions(self.tops(), self.session, lambda d: V2Cgroup(d).remove())
 
 
 class V2Cgroup(Cgroup):

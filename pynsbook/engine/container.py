@@ -123,7 +123,6 @@ class _Job:
         self.worker = worker  # an idle Python worker, waiting for a request
         self.started = threading.Event()
         self.exited = threading.Event()
-        self.pid: Optional[int] = None  # as seen inside the container
         self.host_pid: Optional[int] = None
         self.entrant_pid: Optional[int] = None  # pynsbook's process that waits for it
         self.sock: Any = None  # the run's socket to its entrant (None: not a process)
@@ -146,8 +145,7 @@ class _Job:
         for msg in protocol.messages(self.sock):
             event = msg.get("event")
             if event == "started":
-                self.pid, self.host_pid = msg.get("pid"), msg.get("host_pid")
-                self.entrant_pid = msg.get("entrant")
+                self.host_pid, self.entrant_pid = msg.get("host_pid"), msg.get("entrant")
                 self.started.set()
             elif event == "exited":
                 self.code, self.signal, self.rusage = msg["code"], msg["signal"], msg.get("rusage", {})
@@ -198,7 +196,7 @@ class Container:
         self._spare = False  # started by the pool, waiting to be adopted
         self._pool_key: Optional[tuple] = None
         self._keep: tuple = ()
-        self._enter_cfg: Dict[str, Any] = {}  # how runs enter it (entrant.py)
+        self._init_start: Optional[int] = None  # tells our init from a reused PID
         self._hostname: Optional[str] = None  # to set with the next run (an adopted spare)
         self.started_at: Optional[float] = None
         #: the root filesystem's layers, top first (None: the host's files under overlays)
@@ -274,7 +272,7 @@ class Container:
         _LIVE.discard(spare)
         self._shim, self._sock, self.init_pid, self.cgroup = (spare._shim, spare._sock,
                                                               spare.init_pid, spare.cgroup)
-        self._enter_cfg = spare._enter_cfg
+        self._init_start = spare._init_start
         # the spare's event reader fills these same objects: they become ours
         self._jobs, self._ids, self._fresh = spare._jobs, spare._ids, spare._fresh
         self._dead, self._watched = spare._dead, spare._watched
@@ -329,10 +327,7 @@ class Container:
                 protocol.send(client, {"op": "mapped"})
             elif event == "init":
                 self.init_pid = msg["pid"]
-                self._enter_cfg = {
-                    "init_pid": msg["pid"], "init_start": procfs.start_time(msg["pid"]),
-                    "namespaces": list(plan.namespaces),
-                    "cgroup_join": list(self.cgroup.join_files) if self.cgroup else []}
+                self._init_start = procfs.start_time(msg["pid"])
             elif event == "error":
                 raise error_from_dict(msg["error"])
             elif event == "ready":
@@ -436,22 +431,19 @@ class Container:
 
     # -- control ---------------------------------------------------------------------------
 
-    def _send(self, msg: Dict[str, Any], fds: Sequence[int] = ()) -> None:
-        with self._lock:
-            if self._sock is None:
-                raise ContainerStateError(f"container {self.name!r} is not running")
-            protocol.send(self._sock, msg, fds)
-
     def _enter(self, job: _Job, msg: Dict[str, Any], fds: Sequence[int]) -> None:
         """Start a run's process in the container: an entrant joins its cgroup and
         namespaces and forks it (entrant.py); ``job`` follows it on a thread."""
         if self._sock is None:
             raise ContainerStateError(f"container {self.name!r} is not running")
-        if self._hostname and "hostname" not in msg:
-            msg["hostname"], self._hostname = self._hostname, None
+        assert self.plan is not None
+        self._take_hostname(msg)
+        cfg = {"init_pid": self.init_pid, "init_start": self._init_start,
+               "namespaces": list(self.plan.namespaces),
+               "cgroup_join": list(self.cgroup.join_files) if self.cgroup else []}
         ours, theirs = protocol.pair()
         try:
-            job.process = spawn.start_entrant({"op": "enter", "cfg": self._enter_cfg, "msg": msg},
+            job.process = spawn.start_entrant({"op": "enter", "cfg": cfg, "msg": msg},
                                               ours, theirs, fds)
         except BaseException:
             ours.close()
@@ -460,6 +452,11 @@ class Container:
             theirs.close()
         job.sock = ours
         threading.Thread(target=job.read_events, daemon=True, name=f"pynsbook-run-{job.rid}").start()
+
+    def _take_hostname(self, msg: Dict[str, Any]) -> None:
+        """An adopted spare's name goes with its next run, set before that run's code."""
+        if self._hostname:
+            msg["hostname"], self._hostname = self._hostname, None
 
     def update(self, **limits: Any) -> Dict[str, Any]:
         """Change limits while the container runs (same keywords as ``run``).
@@ -699,8 +696,7 @@ class Container:
             from .sampler import Sampler
             process = repl.job if repl is not None else job
             sampler = self._sampler = Sampler(lambda: [process.entrant_pid or 0], fb.get("memory"))
-        if self._hostname:  # an adopted spare's name: set before the code starts
-            msg["hostname"], self._hostname = self._hostname, None
+        self._take_hostname(msg)  # a worker forked ahead sets it itself
         t0 = time.monotonic()
         try:
             if repl is None:

@@ -20,7 +20,7 @@ The entrant stays outside the container's cgroup and its other namespaces: only 
 counted against the container's limits.
 
 client -> entrant: {"op": "signal", "sig"}
-entrant -> client: {"event": "started", "id", "pid", "host_pid", "entrant"} (pid: inside)
+entrant -> client: {"event": "started", "id", "host_pid", "entrant"}
                    {"event": "exited", "id", "code", "signal", "rusage"}
                    {"event": "error", "error": {...}} (the run could not start)
 """
@@ -50,18 +50,6 @@ def _open_namespaces(cfg: Dict[str, Any]) -> Dict[str, int]:
     if procfs.start_time(init) != cfg["init_start"]:
         raise ProcessLookupError(f"the container's init ({init}) has ended")
     return fds
-
-
-def _inside_pid(host_pid: int) -> int:
-    """The PID a process has in its innermost PID namespace (NSpid's last field)."""
-    try:
-        with open(f"/proc/{host_pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return host_pid
 
 
 def _child(cfg: Dict[str, Any], ns: Dict[str, int], joins: List[int], msg: Dict[str, Any],
@@ -117,8 +105,8 @@ class Entrant:
         if failed:
             os.waitpid(pid, 0)
             raise ContainerError(failed.decode(errors="replace"))
-        protocol.send(self.sock, {"event": "started", "id": self.rid, "pid": _inside_pid(pid),
-                                  "host_pid": pid, "entrant": os.getpid()})
+        protocol.send(self.sock, {"event": "started", "id": self.rid, "host_pid": pid,
+                                  "entrant": os.getpid()})
 
     def serve(self) -> None:
         if self._reaped():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 if TYPE_CHECKING:
     from .container import Container
@@ -126,6 +126,27 @@ def spares() -> List["Container"]:
     """The spares waiting now."""
     with _lock:
         return [c for c in _spares.values() if c is not None]
+
+
+def footprint() -> Tuple[Set[int], Set[str]]:
+    """The PIDs and cgroup directories of the spares waiting now (pynsbook's by design,
+    not leftovers): init and its descendants, and each prepared worker with the entrant
+    that waits for it."""
+    from ..linux import procfs
+    pids: Set[int] = set()
+    dirs: Set[str] = set()
+    for c in spares():
+        if c._shim is not None and c._shim.launcher is None:
+            pids.add(c._shim.pid)  # slow path: the shim stays (else it left at the hand-over)
+        roots = [c.init_pid] + [j.entrant_pid for j in list(c._jobs.values())]
+        todo = [p for p in roots if p]
+        while todo:
+            pid = todo.pop()
+            pids.add(pid)
+            todo += procfs.children(pid)
+        if c.cgroup is not None:
+            dirs.update(os.path.dirname(f) for f in c.cgroup.join_files)
+    return pids, dirs
 
 
 def drain() -> None:

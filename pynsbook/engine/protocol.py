@@ -13,7 +13,7 @@ the container ends with it.
 
 Each run has a socket of its own, to the entrant that started it (entrant.py):
 client -> entrant: {"op": "signal", "sig"}
-entrant -> client: {"event": "started", "id", "pid", "host_pid", "entrant"}
+entrant -> client: {"event": "started", "id", "host_pid", "entrant"}
                    {"event": "exited", "id", "code", "signal", "rusage"}
                    {"event": "error", "id", "error": {...}}
 The request that starts a run ({"id", "argv"|"python"|"repl", "env", "workdir", "fds": roles,

@@ -77,3 +77,9 @@ def cgroup_dir(mount: Mount, cgroup_path: str) -> Optional[str]:
         return None
     rel = cgroup_path[len(root):].lstrip("/")
     return mount.mountpoint.rstrip("/") + ("/" + rel if rel else "")
+
+
+def mount_keys() -> List[str]:
+    """This process's mounts as "ROOT MOUNTPOINT" lines, sorted: two snapshots compare to
+    show what a container left mounted on the host."""
+    return sorted(f"{m.root} {m.mountpoint}" for m in read_mountinfo())
