@@ -198,6 +198,12 @@ class LauncherClient:
     def close(self) -> None:
         """Let the launcher go: it leaves once the inits it took over have ended (their
         lifelines close with this process) and their cgroups are removed."""
+        # shutdown first: the reader thread blocked in recvmsg() holds the open file, so a
+        # bare close() would not end the connection, and the launcher would wait for our exit
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         try:
             self.popen.wait(5)
