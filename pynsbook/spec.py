@@ -58,6 +58,13 @@ class Spec:
     workdir: Optional[str] = None
     name: Optional[str] = None
     best_effort: bool = False
+    #: confinement (see confinement.py): all of root's powers instead of Docker's defaults
+    privileged: bool = False
+    cap_add: Tuple[str, ...] = ()
+    cap_drop: Tuple[str, ...] = ()
+    #: "default", "unconfined", or the path of a Docker-format JSON profile
+    seccomp: str = "default"
+    read_only: bool = False
     #: the namespaces the user named explicitly (these must not be dropped silently)
     explicit_namespaces: FrozenSet[str] = frozenset()
 
@@ -292,6 +299,46 @@ def parse_bool(raw: Any, label: str) -> bool:
     raise OptionError(label, raw, "true or false")
 
 
+def parse_caps(raw: Any, label: str) -> Tuple[str, ...]:
+    """``NET_ADMIN,cap_sys_ptrace`` -> ("NET_ADMIN", "SYS_PTRACE"); ``ALL`` stays ALL."""
+    from .linux import caps
+    out = []
+    for item in str(raw).replace(" ", ",").split(","):
+        if not item:
+            continue
+        try:
+            out.append(caps.normalize(item))
+        except KeyError:
+            raise OptionError(label, item, caps.FORM) from None
+    if not out:
+        raise OptionError(label, raw, caps.FORM)
+    return tuple(out)
+
+
+SECURITY_OPT_FORM = "seccomp=unconfined or seccomp=PROFILE.json (a Docker-format seccomp profile)"
+
+
+def parse_security_opt(raw: Any, label: str) -> str:
+    """``seccomp=unconfined`` or ``seccomp=/path/profile.json`` -> what the seccomp field holds."""
+    if isinstance(raw, (list, tuple)) and len(raw) == 1:  # security_opt=["seccomp=..."]
+        raw = raw[0]
+    key, sep, value = str(raw).partition("=")
+    if not sep:
+        key, sep, value = str(raw).partition(":")  # Docker once spelled it seccomp:unconfined
+    if key.strip() != "seccomp" or not value.strip():
+        raise OptionError(label, raw, SECURITY_OPT_FORM)
+    value = value.strip()
+    if value in ("unconfined", "default"):
+        return value
+    from .linux import seccomp
+    path = os.path.abspath(os.path.expanduser(value))
+    try:
+        seccomp.load_profile(path)
+    except seccomp.ProfileError as err:
+        raise OptionError(label, raw, f"{SECURITY_OPT_FORM}; {err}") from None
+    return path
+
+
 # ---------------------------------------------------------------------------------------
 # the table
 
@@ -351,6 +398,22 @@ OPTIONS: Tuple[Option, ...] = (
            "working directory inside the container", "DIR"),
     Option("name", ("--name",), parse_name,
            "name the container so later runs can use it", "NAME"),
+    Option("privileged", ("--privileged",), parse_bool,
+           "give the container all of root's powers: every capability, no seccomp filter, "
+           "/proc and /sys unmasked (for experiments; never for code you do not trust)",
+           switch=True),
+    Option("cap_add", ("--cap-add",), parse_caps,
+           "add capabilities to Docker's default set, like NET_ADMIN or ALL", "CAPS",
+           repeat=True),
+    Option("cap_drop", ("--cap-drop",), parse_caps,
+           "drop capabilities from the default set, like NET_RAW or ALL", "CAPS", repeat=True),
+    Option("seccomp", ("--security-opt",), parse_security_opt,
+           "seccomp=unconfined (no system-call filter) or seccomp=PROFILE.json "
+           "(a Docker-format profile instead of the default)", "OPT",
+           aliases=("security_opt",)),
+    Option("read_only", ("--read-only",), parse_bool,
+           "make the container's root filesystem read-only (/tmp, /run and /dev/shm stay "
+           "writable)", switch=True),
     Option("best_effort", ("--best-effort",), parse_bool,
            "run with what the host can enforce and report what was dropped, "
            "instead of refusing", switch=True),

@@ -27,7 +27,7 @@ from ..linux import procfs
 from ..linux.mountinfo import read_mountinfo
 from ..results import RunResult, Stats
 from ..spec import Spec, make_spec
-from . import background, pool, protocol, spawn
+from . import background, confine, pool, protocol, spawn
 from .plan import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -177,6 +177,9 @@ class Container:
         elif options or name:
             spec = make_spec(options, base=spec, name=name or spec.name)
         self.spec = spec
+        #: what its processes may do to the kernel (capabilities, seccomp, masked paths)
+        self.confinement = confine.from_spec(spec)
+        self._confine_msg: Optional[Dict[str, Any]] = None
         self.id = secrets.token_hex(6)
         self.name = spec.name or self.id
         self.plan: Optional[Plan] = None
@@ -302,6 +305,8 @@ class Container:
             "keep": list(self._keep),
             "uptime": self.spec.uptime,
             "cgroup_mounts": _cgroup_mounts() if "cgroup" in ns else [],
+            "mask_paths": self.confinement.mask_paths,
+            "read_only": self.confinement.read_only_root,
         }
 
     def _launch(self, plan: Plan) -> None:
@@ -575,6 +580,11 @@ class Container:
         fb = self.plan.fallback_limits
         if "pids" in fb:
             msg["rlimits"] = {"nproc": fb["pids"]}
+        if self._confine_msg is None and not self.confinement.privileged:
+            self._confine_msg = self.confinement.to_msg()
+            if "seccomp" in self.plan.dropped:
+                self._confine_msg["seccomp"] = False
+        msg["confine"] = self._confine_msg
         if "cpuset" in fb:
             msg["cpus_affinity"] = _cpu_list(fb["cpuset"])
         return msg
@@ -686,7 +696,8 @@ class Container:
                 base = self._base_msg(env, workdir)
                 msg.update(last=True, env=base["env"], workdir=base["workdir"],
                            workdir_asked=base["workdir_asked"],
-                           rlimits=base.get("rlimits"), cpus_affinity=base.get("cpus_affinity"))
+                           rlimits=base.get("rlimits"), cpus_affinity=base.get("cpus_affinity"),
+                           confine=base["confine"])
         fb = self.plan.fallback_limits
         before = self.cgroup.counters() if self.cgroup else None
         if self.cgroup:

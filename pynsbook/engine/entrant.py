@@ -34,7 +34,7 @@ from typing import Any, Dict, List
 
 from ..errors import ContainerError, ContainerStateError
 from ..linux import libc, procfs
-from . import protocol
+from . import confine, protocol
 from .workload import run_workload
 
 #: what the run's process enters, in nsenter's order (mnt late: it changes the root)
@@ -80,6 +80,7 @@ class Entrant:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def start(self, cfg: Dict[str, Any], msg: Dict[str, Any], fds: List[int]) -> None:
+        confine.prepare(msg.get("confine"))  # on the host's files, before entering
         ns = _open_namespaces(cfg)
         joins = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cfg.get("cgroup_join") or ()]
         for kind in ("user", "pid", "time"):  # pid and time apply to the children we make

@@ -47,7 +47,9 @@ def setup(cfg: Dict[str, Any]) -> None:
     if "mnt" in ns:
         from ..linux.rootfs import RootBuilder
         RootBuilder(cfg.get("lowers"), sorted(ns), cfg.get("cgroup_mounts") or [],
-                    cfg.get("upper"), cfg.get("copy_root"), cfg.get("keep") or ()).build()
+                    cfg.get("upper"), cfg.get("copy_root"), cfg.get("keep") or (),
+                    mask_paths=cfg.get("mask_paths", True),
+                    read_only=cfg.get("read_only", False)).build()
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,

@@ -32,7 +32,7 @@ import socket
 import sys
 from typing import Any, Dict, List
 
-from . import protocol
+from . import confine, protocol
 # imported now, so that forked shims, inits and workloads find them already loaded
 from . import init as _init  # noqa: F401
 from . import tiny
@@ -204,6 +204,7 @@ def main(fd: int) -> None:
     # off it, so forked children do not copy the pages it would touch (copy-on-write)
     gc.freeze()
     tiny.load()  # compiled once per machine; shims and inits exec it from this descriptor
+    confine.warm()  # the default seccomp filter, compiled once for every fork to share
     libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)  # the inits that shims hand over are ours
     Launcher(socket.socket(fileno=fd)).serve()
 

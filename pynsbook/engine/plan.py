@@ -118,4 +118,19 @@ def make_plan(spec: Spec) -> Plan:
         plan.cgroup_limits = {k: v for k, v in plan.cgroup_limits.items() if v is not None or k != "swap"}
     if spec.timeout is not None:
         plan.limits["timeout"] = spec.timeout
+    _seccomp(spec, plan)
     return plan
+
+
+def _seccomp(spec: Spec, plan: Plan) -> None:
+    """Without libseccomp the default filter is left out, and said so; a profile the user
+    named is refused instead."""
+    if spec.privileged or spec.seccomp == "unconfined":
+        return
+    from ..linux import seccomp
+    ok, why = seccomp.available()
+    if ok:
+        return
+    if spec.seccomp != "default":
+        raise UnsupportedError(f"--security-opt seccomp={spec.seccomp}", why)
+    plan.dropped["seccomp"] = f"the default system-call filter is off: {why}"

@@ -59,7 +59,9 @@ def shape(spec: "Spec", plan: "Plan", keep: Tuple[str, ...] = ()) -> Optional[Tu
     if spec.rootfs or getattr(spec, "image", None):
         return None  # their layers and container layer belong to one container
     # a spare shows the directories it kept visible when it started (``keep``)
-    return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup, tuple(keep))
+    # and its confinement: its init made the masks, its worker forked ahead confines itself
+    from .confine import from_spec
+    return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup, tuple(keep), from_spec(spec))
 
 
 #: how long a start waits for a spare that is being prepared: finishing it is never slower

@@ -22,7 +22,7 @@ import traceback
 import types
 from typing import Any, Dict, List, Optional
 
-from . import protocol
+from . import confine, protocol
 
 _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                   signal.SIGUSR2, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ)
@@ -60,6 +60,8 @@ def _prepare(msg: Dict[str, Any], fds: List[int]) -> None:
     _chdir(msg)
     os.environ.clear()
     os.environ.update(msg.get("env") or {})
+    if not msg.get("repl"):  # a worker confines itself once its first request has set it up
+        confine.apply(msg.get("confine"))
 
 
 def _chdir(msg: Dict[str, Any]) -> None:
@@ -185,6 +187,7 @@ def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
     are forked ahead of need and serve one request marked ``last``, which takes the fork
     off the path of a run (a fork of the interpreter costs milliseconds; sending it code,
     a fraction of one). Each request brings its own stdio pipes; between requests fds 0-2
+    confined = False
     point at /dev/null, so the client sees end-of-file exactly when a request is done.
     """
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -195,6 +198,9 @@ def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
         try:
             req, rfds = protocol.recv(sock)
         except KeyboardInterrupt:
+            if not confined:  # after the hostname an adopted spare takes; before any code
+                confine.apply(msg.get("confine"))  # a spare's is its adopter's (pool.shape)
+                confined = True
             continue  # a late Ctrl-C for a request that already finished
         if req is None:
             return 0

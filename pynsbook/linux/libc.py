@@ -77,9 +77,15 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_b(target), flags), f"umount2({target!r})")
 
 
+MACHINE = os.uname().machine
+
 # glibc has no pivot_root wrapper; the number depends on the architecture (<asm/unistd.h>)
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203,
-                   "s390x": 217, "i686": 217, "armv7l": 218}.get(os.uname().machine, 155)
+                   "s390x": 217, "i686": 217, "armv7l": 218}.get(MACHINE, 155)
+# mount_setattr(2) has one number on every architecture (new system calls share a table)
+_SYS_MOUNT_SETATTR = 442
+_SYS_KEYCTL = {"aarch64": 219, "riscv64": 219, "ppc64le": 271, "s390x": 280,
+               "i686": 288, "armv7l": 311}.get(MACHINE, 250)
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
@@ -101,3 +107,45 @@ def setns(fd: int, nstype: int = 0) -> None:
 def prctl(option: int, arg2: int = 0) -> None:
     """prctl(2) for options that take one integer argument."""
     _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option}, {arg2})")
+
+
+def prctl4(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0) -> None:
+    """prctl(2) with more integer arguments (the rest must be 0, as the kernel insists)."""
+    _check(_libc.prctl(option, arg2, arg3, arg4, 0), f"prctl({option}, {arg2}, {arg3})")
+
+
+def raw_syscall(number: int, name: str, *args: object) -> int:
+    """syscall(2) for calls glibc does not wrap; arguments as ctypes values."""
+    return _check(_libc.syscall(number, *args), name)
+
+
+# <linux/mount.h>
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+AT_RECURSIVE = 0x8000
+_AT_FDCWD = -100
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(path: str, attr_set: int, recursive: bool = True) -> None:
+    """mount_setattr(2): set mount attributes on ``path`` and, recursively, every mount
+    below it (a remount with MS_BIND|MS_RDONLY changes the top mount only)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    raw_syscall(_SYS_MOUNT_SETATTR, f"mount_setattr({path!r})", ctypes.c_int(_AT_FDCWD),
+                _b(path), ctypes.c_uint(AT_RECURSIVE if recursive else 0),
+                ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+
+
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring() -> None:
+    """Give this process a new, empty session keyring of its own (keyctl(2)): otherwise it
+    shares its parent's, and the keys in it (credentials, tokens) with it."""
+    raw_syscall(_SYS_KEYCTL, "keyctl(JOIN_SESSION_KEYRING)",
+                ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), ctypes.c_void_p(None))

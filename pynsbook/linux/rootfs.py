@@ -8,12 +8,17 @@ Two shapes:
   container layer) is a throwaway tmpfs, or a host directory the client gave, so that the
   container's changes can be listed (diff) and kept (commit).
 Both get a fresh /proc, /sys, /dev, /tmp and /run. Every step runs after the mount namespace
-was made ``rprivate``, so no mount propagates back to the host.
+was made ``rprivate``, so no mount propagates back to the host. Unless the container is
+privileged, parts of /proc and /sys are masked or read-only (confinement.MASKED and
+READ_ONLY), /sys is read-only down to its last submount, and every filesystem the container
+can write to is ``nodev``, so a device node it makes (with CAP_MKNOD) cannot be opened.
+The processes that run in the container have no capability to undo any of this.
 """
 from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import Dict, Optional, Sequence
 
 from . import libc
@@ -26,6 +31,15 @@ _PSEUDO = {"proc", "sysfs", "cgroup", "cgroup2", "securityfs", "debugfs", "trace
            "hugetlbfs", "nsfs", "devtmpfs", "efivarfs", "rpc_pipefs", "selinuxfs"}
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _NOSUID_NODEV = libc.MS_NOSUID | libc.MS_NODEV
+
+#: runc's maskedPaths: kernel internals a container has no business reading (files read as
+#: empty, directories as an empty read-only tmpfs), and /proc/kmsg, the kernel's log
+MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+          "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+          "/proc/kmsg", "/sys/firmware", "/sys/devices/virtual/powercap")
+#: runc's readonlyPaths: the kernel's settings (/proc/sys: core_pattern runs a program as
+#: host root) and triggers (sysrq-trigger reboots the machine)
+READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 
 def _under(path: str, prefixes: Sequence[str]) -> bool:
@@ -52,6 +66,56 @@ def bind_readonly(source: str, target: str, recursive: bool = True) -> None:
     libc.mount(source, target, None, flags)
     libc.mount(None, target, None,
                libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | _statvfs_flags(target))
+    if recursive:
+        readonly_below(target)
+
+
+def readonly_below(target: str) -> None:
+    """Make every mount under ``target`` read-only too: a remount changes one mount, and
+    the submounts of a recursive bind (the host's /sys/fs/cgroup/* under /sys) stay
+    writable otherwise."""
+    try:
+        libc.mount_setattr(target, libc.MOUNT_ATTR_RDONLY, recursive=True)
+        return
+    except OSError:
+        pass  # a kernel older than 5.12: remount each submount
+    for m in read_mountinfo():
+        if _under(m.mountpoint, [target]) and m.mountpoint != target:
+            try:
+                libc.mount(None, m.mountpoint, None, libc.MS_REMOUNT | libc.MS_BIND |
+                           libc.MS_RDONLY | _statvfs_flags(m.mountpoint))
+            except OSError:
+                pass
+
+
+def mask(root: str, paths: Sequence[str]) -> None:
+    """Hide each path under ``root``: a file reads as empty (/dev/null bound over it), a
+    directory as an empty read-only tmpfs. Missing paths are skipped."""
+    for path in paths:
+        target = root + path
+        try:
+            st = os.lstat(target)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            libc.mount("tmpfs", target, "tmpfs", _NOSUID_NODEV | libc.MS_NOEXEC | libc.MS_RDONLY,
+                       "size=0,mode=555")
+        else:
+            libc.mount("/dev/null", target, None, libc.MS_BIND)
+            libc.mount(None, target, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY |
+                       libc.MS_NOSUID | libc.MS_NOEXEC)  # not nodev: /dev/null must open
+
+
+def make_readonly(root: str, paths: Sequence[str]) -> None:
+    """Bind each path under ``root`` onto itself read-only (and everything below it)."""
+    for path in paths:
+        target = root + path
+        if not os.path.exists(target):
+            continue
+        libc.mount(target, target, None, libc.MS_BIND | libc.MS_REC)
+        flags = _statvfs_flags(target) | _NOSUID_NODEV | libc.MS_NOEXEC
+        libc.mount(None, target, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | flags)
+        readonly_below(target)
 
 
 class RootBuilder:
@@ -59,7 +123,8 @@ class RootBuilder:
 
     def __init__(self, lowers: Optional[Sequence[str]], namespaces: Sequence[str],
                  cgroup_mounts: Sequence[Dict[str, str]], upper: Optional[str] = None,
-                 copy_root: Optional[str] = None, keep: Sequence[str] = ()) -> None:
+                 copy_root: Optional[str] = None, keep: Sequence[str] = (),
+                 mask_paths: bool = True, read_only: bool = False) -> None:
         self.lowers = list(lowers or [])  # top layer first, as overlayfs's lowerdir lists them
         self.upper = upper
         #: a private, writable copy to use as the root as it is (where overlayfs is refused)
@@ -71,6 +136,8 @@ class RootBuilder:
         self.cgroup_mounts = cgroup_mounts
         self.root = os.path.join(SCRATCH, "root")
         self.userns = "user" in self.ns
+        self.mask_paths = mask_paths
+        self.read_only = read_only
         self._layers = 0
 
     # -- layers --------------------------------------------------------------------------
@@ -86,7 +153,7 @@ class RootBuilder:
         os.makedirs(work, exist_ok=True)
         # in a user namespace overlayfs may only use user.* xattrs (trusted.* needs host root)
         extra = ",userxattr" if self.userns else ""
-        libc.mount("overlay", target, "overlay", 0,
+        libc.mount("overlay", target, "overlay", libc.MS_NODEV,
                    f"lowerdir={lower},upperdir={upper},workdir={work}{extra}")
 
     def _mirror(self, src: str, dst: str, mountpoints: Sequence[str]) -> None:
@@ -174,14 +241,14 @@ class RootBuilder:
 
     def _dev(self) -> None:
         dev = self.root + "/dev"
-        libc.mount("tmpfs", dev, "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC, "mode=755,size=64k")
+        libc.mount("tmpfs", dev, "tmpfs", _NOSUID_NODEV | libc.MS_NOEXEC, "mode=755,size=64k")
         for name in _DEVICES:
             target = os.path.join(dev, name)
             open(target, "w").close()
             libc.mount("/dev/" + name, target, None, libc.MS_BIND)
         for name, link in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                            ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
-                           ("ptmx", "pts/ptmx"), ("core", "/proc/kcore")):
+                           ("ptmx", "pts/ptmx")):
             os.symlink(link, os.path.join(dev, name))
         os.mkdir(dev + "/pts")
         try:
@@ -252,6 +319,8 @@ class RootBuilder:
                 os.close(fd)
         for d in ("proc", "sys", "dev", "tmp", "run"):
             _mkdirs(os.path.join(self.root, d))
+        if self.read_only:  # all of the root, before what stays writable is mounted on it
+            readonly_below(self.root)
         self._proc()
         self._sys()
         self._dev()
@@ -262,6 +331,9 @@ class RootBuilder:
             os.makedirs(target, exist_ok=True)
             self._layer_or_bind(f"/proc/self/fd/{fd}", target)
             os.close(fd)
+        if self.mask_paths:
+            mask(self.root, MASKED)
+            make_readonly(self.root, READ_ONLY)
         os.chdir(self.root)
         # pivot_root(".", ".") stacks the old root on top of the new one; detaching it
         # leaves only the new root (the trick runc uses: no put_old directory needed)

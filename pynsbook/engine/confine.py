@@ -1,0 +1,121 @@
+"""What a container's processes may do to the kernel they share, and confining a process
+to it.
+
+By default a container gets Docker's defaults and a little more: the 14 capabilities
+Docker keeps (``caps.DEFAULT``), ``no_new_privs``, a seccomp filter with the semantics of
+Docker's default profile (linux/seccomp.py), runc's masked and read-only paths and a /dev
+of harmless devices (linux/rootfs.py: the init sets those up). ``--privileged`` turns all
+of it off; ``--cap-add``/``--cap-drop`` and ``--security-opt seccomp=...`` change one part.
+
+:func:`apply` is the last step before a process runs its workload. Order matters, because
+each step takes away what a later one might need: a session keyring of its own first
+(keyctl is filtered afterwards), then the capability bounding set, no_new_privs, the
+seccomp filter (loading it unprivileged needs no_new_privs), and last the effective,
+permitted and inheritable sets (capset is allowed by the filter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, Optional
+
+from ..errors import ContainerError
+from ..linux import caps, libc, seccomp
+from ..spec import Spec
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """The confinement of one container's processes, derived from its Spec."""
+
+    caps: FrozenSet[str]
+    #: None (no filter), "default", or the path of a Docker-format profile
+    seccomp: Optional[str]
+    no_new_privs: bool
+    #: MASKED and READ_ONLY applied (the init does it, when it builds the root)
+    mask_paths: bool
+    read_only_root: bool
+
+    @property
+    def privileged(self) -> bool:
+        return self.caps == caps.ALL and self.seccomp is None and not self.mask_paths
+
+    def describe(self) -> str:
+        """One line for doctor, ``%container`` and the result: what holds."""
+        if self.privileged:
+            return "privileged: all capabilities, no seccomp filter, /proc and /sys unmasked"
+        extra = sorted(self.caps - caps.DEFAULT)
+        less = sorted(caps.DEFAULT - self.caps)
+        capdesc = "Docker's default capabilities"
+        if extra:
+            capdesc += " + " + ",".join(extra)
+        if less:
+            capdesc += " - " + ",".join(less)
+        filt = {None: "no seccomp filter", "default": "the default seccomp filter"}.get(
+            self.seccomp, f"seccomp profile {self.seccomp}")
+        return f"{capdesc}; {filt}" + ("; no_new_privs" if self.no_new_privs else "") + \
+            ("; masked /proc and /sys" if self.mask_paths else "") + \
+            ("; read-only root" if self.read_only_root else "")
+
+    def to_msg(self) -> Dict[str, Any]:
+        """What the process that becomes the workload applies (engine/confine.py)."""
+        profile = None
+        if self.seccomp not in (None, "default"):
+            profile = seccomp.load_profile(self.seccomp)
+        return {"caps": sorted(self.caps), "seccomp": self.seccomp is not None,
+                "profile": profile, "no_new_privs": self.no_new_privs}
+
+
+def from_spec(spec: Spec) -> Confinement:
+    """Docker's rules: start from the default set (or every capability when privileged),
+    drop what --cap-drop names, then add what --cap-add names (ALL means every one)."""
+    if spec.privileged:
+        return Confinement(caps.ALL, None, False, False, spec.read_only)
+    kept = set(caps.DEFAULT)
+    if "ALL" in spec.cap_drop:
+        kept.clear()
+    kept -= set(spec.cap_drop)
+    if "ALL" in spec.cap_add:
+        kept |= caps.ALL
+    kept |= set(spec.cap_add) - {"ALL"}
+    seccomp = None if spec.seccomp == "unconfined" else spec.seccomp
+    return Confinement(frozenset(kept), seccomp, True, True, spec.read_only)
+
+
+def prepare(cfg: Optional[Dict[str, Any]]) -> None:
+    """Compile the seccomp filter into ``cfg["bpf"]`` while the host's files (libseccomp)
+    are still in reach: the entrant calls it before it forks the run. Cheap when the
+    launcher compiled the same filter already (its forks share the cache)."""
+    if cfg is not None and cfg.get("seccomp") and "bpf" not in cfg:
+        try:
+            cfg["bpf"] = seccomp.compile_bpf(frozenset(cfg["caps"]), cfg.get("profile"))
+        except (ImportError, OSError, ValueError, RuntimeError) as err:
+            raise ContainerError(f"could not build the seccomp filter: {err}") from None
+
+
+def warm() -> None:
+    """Compile the default filter once, in the launcher, before anything is forked."""
+    try:
+        seccomp.compile_bpf(caps.DEFAULT)
+    except Exception:
+        pass  # no libseccomp: doctor says so, and each run reports it
+
+
+def apply(cfg: Optional[Dict[str, Any]]) -> None:
+    """Apply ``Confinement.to_msg()`` (made ready by :func:`prepare`) to this process;
+    no-op for None (privileged). Raises OSError naming the step that failed: a process
+    that cannot be confined does not run."""
+    if cfg is None:
+        return
+    try:
+        libc.join_new_session_keyring()
+    except OSError:
+        pass  # a kernel without keys, or a filter already forbidding keyctl: nothing shared
+    kept = frozenset(cfg["caps"])
+    if kept != caps.ALL:
+        caps.restrict_bounding(kept)
+    if cfg.get("no_new_privs"):
+        caps.no_new_privs()
+    if cfg.get("seccomp"):
+        seccomp.load_bpf(cfg["bpf"])
+    if kept != caps.ALL:
+        caps.restrict(kept)
