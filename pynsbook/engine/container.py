@@ -27,7 +27,7 @@ from ..linux import procfs
 from ..linux.mountinfo import read_mountinfo
 from ..results import RunResult, Stats
 from ..spec import Spec, make_spec
-from . import background, confine, pool, protocol, spawn
+from . import background, confine, pool, protocol, spawn, values
 from .plan import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -543,7 +543,10 @@ class Container:
         """Run Python source in the container.
 
         ``inputs`` are pickled into the code's globals first; the variables named in
-        ``outputs`` are pickled back into ``RunResult.outputs``. With ``persistent`` the code
+        ``outputs`` come back in ``RunResult.outputs`` if they are plain values (numbers,
+        str, bytes, list, tuple, dict, set) or NumPy arrays, never unpickled (see
+        :mod:`.values`); ``RunResult.output_errors`` says, one line per variable, why any
+        other did not come back. With ``persistent`` the code
         runs in one long-lived interpreter of this container, so globals survive between
         runs (as cells of a notebook do); otherwise each run gets a fresh ``__main__``.
         """
@@ -766,7 +769,7 @@ class Container:
         result.signal = job.signal
         self._account(result, job, before, sampler)
         if out_fd is not None:
-            _read_outputs(out_fd, result)
+            _read_outputs(out_fd, result, outputs)
         return result
 
     def _pump(self, job: _Job, out_r: int, err_r: int, result: RunResult,
@@ -940,19 +943,40 @@ def _pickle_inputs(inputs: Dict[str, Any]) -> bytes:
     return pickle.dumps(dict(inputs))
 
 
-def _read_outputs(fd: int, result: RunResult) -> None:
-    import pickle
+def _read_outputs(fd: int, result: RunResult, names: Sequence[str]) -> None:
+    """The variables the container wrote into ``fd``, into ``result``. The bytes are
+    hostile (code in the container can write anything there): they are decoded as data
+    only (:mod:`.values`), at most ``values.MAX_BYTES`` of them, and anything wrong with
+    them is one line in ``result.output_errors``, never an exception or a traceback."""
     try:
         size = os.fstat(fd).st_size
-        data = os.pread(fd, size, 0) if size else b""
+        chunks: List[bytes] = []
+        got = 0
+        while size <= values.MAX_BYTES and got < size:
+            chunk = os.pread(fd, size - got, got)
+            if not chunk:
+                break  # truncated meanwhile: what is there is what came
+            chunks.append(chunk)
+            got += len(chunk)
+        data = b"".join(chunks)
     finally:
         os.close(fd)
+    if size > values.MAX_BYTES:
+        result.output_errors = {"*": f"nothing came back: the container wrote {size} bytes of "
+                                     f"variables, more than the {values.MAX_BYTES} allowed"}
+        return
     if not data:
         result.output_errors = {"*": "the code did not finish, so no variables came back"}
         return
-    sent = pickle.loads(data)
-    result.outputs = sent["values"]
-    result.output_errors = sent["problems"]
+    try:
+        result.outputs, result.output_errors = values.decode_outputs(data, names)
+    except values.Malformed as err:
+        result.outputs = {}
+        result.output_errors = {"*": f"nothing came back: {err}"}
+    except Exception as err:  # a case the decoder did not foresee: still one line
+        result.outputs = {}
+        result.output_errors = {"*": "nothing came back: what the container sent could not "
+                                     f"be read ({type(err).__name__})"}
 
 
 def _feed(fd: int, data: bytes) -> None:
@@ -996,7 +1020,8 @@ def run(code_or_argv: Union[str, Sequence[str]], *, on_stdout: Optional[Callback
     Options are the keywords of the option table (``memory="64M"``, ``cpus=0.5``,
     ``pids=32``, ``namespaces=[...]``, ``timeout=10``, ...). For Python source, ``inputs``
     are pickled into its globals and the variables named in ``outputs`` come back in
-    ``RunResult.outputs``.
+    ``RunResult.outputs`` (plain values and NumPy arrays; ``RunResult.output_errors`` says
+    why any other did not).
     """
     if not isinstance(code_or_argv, str) and (inputs or outputs):
         raise ValueError("inputs and outputs work with Python code, not with a command")

@@ -22,7 +22,7 @@ import traceback
 import types
 from typing import Any, Dict, List, Optional
 
-from . import confine, protocol
+from . import confine, protocol, values
 
 _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                   signal.SIGUSR2, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ)
@@ -127,22 +127,16 @@ def _load_inputs(fd: Optional[int], namespace: Dict[str, Any]) -> None:
 
 
 def _dump_outputs(fd: Optional[int], names: List[str], namespace: Dict[str, Any]) -> None:
-    """Pickle the named variables into the client's memfd; say which could not be sent."""
+    """Write the named variables into the client's memfd, in the data-only format of
+    :mod:`.values` (never pickle: the host must be able to read it without running it);
+    say which could not be sent, and why."""
     if fd is None:
         return
-    values, problems = {}, {}
-    for name in names:
-        if name not in namespace:
-            problems[name] = "not defined"
-            continue
-        try:
-            pickle.dumps(namespace[name])
-            values[name] = namespace[name]
-        except Exception as err:  # unpicklable: report, send the rest
-            problems[name] = f"cannot be pickled ({type(err).__name__}: {err})"
-    data = pickle.dumps({"values": values, "problems": problems})
+    data = memoryview(values.encode_outputs(names, namespace))
     os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], done)
 
 
 def _wait_for_threads() -> None:
