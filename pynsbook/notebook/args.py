@@ -19,7 +19,8 @@ CELL_FLAGS: Tuple[Tuple[Tuple[str, ...], str, str], ...] = (
     (("-i", "--in"), "VAR",
      "send notebook variables into the container before the cell runs (pickled; "
      "with --bash, as environment variables)"),
-    (("-o", "--out"), "VAR", "bring variables back into the notebook after the cell ran"),
+    (("-o", "--out"), "VAR", "bring variables back into the notebook after the cell ran "
+                             "(plain values and NumPy arrays; not pickled)"),
     (("--bash", "--sh"), "", "the cell is a shell script (/bin/sh), not Python"),
     (("--bg",), "", "start the container and return at once; its output keeps arriving "
                     "in this cell's output area"),
@@ -41,7 +42,7 @@ Examples::
     hostname; ps ax; cat /sys/fs/cgroup/pids/pids.max
 
     %%container -i arr -o total
-    total = arr.sum()                    # arr goes in, total comes back (pickled)
+    total = arr.sum()                    # arr goes in pickled; total comes back as data
 
     %%container --name db --mem 256M
     rows = [1, 2, 3]                     # --name: the container and its Python live on
