@@ -287,7 +287,9 @@ class Container:
             except OSError as err:
                 raise ContainerError(f"could not set the limits: {err.strerror or err} "
                                      f"(in {self.cgroup.path})", err.errno) from None
-        if "uts" in plan.namespaces:  # set by the next run, before its code starts
+        if not self.spec.name and not self.spec.hostname:
+            self.id = self.name = spare.id  # the spare's hostname is already its name
+        elif "uts" in plan.namespaces:  # set by the next run's entrant, before its code
             self._hostname = self.spec.hostname or self.name
 
     def _config(self, plan: Plan) -> Dict[str, Any]:
@@ -619,6 +621,8 @@ class Container:
         Only spares have one (their first run is the run they were made for); a container
         that runs cell after cell forks per run, so `ps` inside shows no idle stranger."""
         worker, self._fresh = self._fresh, None
+        if self._hostname:  # it is confined already, and cannot set the name: fork anew
+            return None
         return worker if worker is not None and worker.alive else None
 
     def _discard_fresh_worker(self) -> None:
@@ -710,7 +714,6 @@ class Container:
             from .sampler import Sampler
             process = repl.job if repl is not None else job
             sampler = self._sampler = Sampler(lambda: [process.entrant_pid or 0], fb.get("memory"))
-        self._take_hostname(msg)  # a worker forked ahead sets it itself
         t0 = time.monotonic()
         try:
             if repl is None:

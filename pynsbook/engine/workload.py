@@ -60,8 +60,7 @@ def _prepare(msg: Dict[str, Any], fds: List[int]) -> None:
     _chdir(msg)
     os.environ.clear()
     os.environ.update(msg.get("env") or {})
-    if not msg.get("repl"):  # a worker confines itself once its first request has set it up
-        confine.apply(msg.get("confine"))
+    confine.apply(msg.get("confine"))  # last: it takes away what the steps above use
 
 
 def _chdir(msg: Dict[str, Any]) -> None:
@@ -170,8 +169,6 @@ def _apply_process_settings(req: Dict[str, Any]) -> None:
         resource.setrlimit(_RLIMITS[name], (int(value), int(value)))
     if req.get("cpus_affinity"):
         os.sched_setaffinity(0, req["cpus_affinity"])
-    if req.get("hostname"):  # an adopted spare takes the name of the start that adopted it
-        socket.sethostname(req["hostname"])
 
 
 def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
@@ -181,7 +178,6 @@ def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
     are forked ahead of need and serve one request marked ``last``, which takes the fork
     off the path of a run (a fork of the interpreter costs milliseconds; sending it code,
     a fraction of one). Each request brings its own stdio pipes; between requests fds 0-2
-    confined = False
     point at /dev/null, so the client sees end-of-file exactly when a request is done.
     """
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -192,9 +188,6 @@ def _repl(msg: Dict[str, Any], fds: List[int]) -> int:
         try:
             req, rfds = protocol.recv(sock)
         except KeyboardInterrupt:
-            if not confined:  # after the hostname an adopted spare takes; before any code
-                confine.apply(msg.get("confine"))  # a spare's is its adopter's (pool.shape)
-                confined = True
             continue  # a late Ctrl-C for a request that already finished
         if req is None:
             return 0

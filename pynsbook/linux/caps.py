@@ -64,13 +64,17 @@ def mask(names: Iterable[str]) -> int:
     return bits
 
 
-def last_cap() -> int:
+def _last_cap() -> int:
     """The highest capability this kernel knows (newer kernels know more than NAMES)."""
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())
     except (OSError, ValueError):
         return len(NAMES) - 1
+
+
+#: read once, at import: a container's /proc/sys may be masked, and the read costs time
+LAST_CAP = _last_cap()
 
 
 class _Header(ctypes.Structure):
@@ -86,7 +90,7 @@ def restrict_bounding(keep: FrozenSet[str]) -> None:
     """Drop every capability but ``keep`` from the bounding set, and clear the ambient set:
     no exec can give this process or its children more than ``keep`` again."""
     keep_bits = mask(keep)
-    for cap in range(last_cap() + 1):
+    for cap in range(LAST_CAP + 1):
         if not keep_bits & (1 << cap):
             libc.prctl(PR_CAPBSET_DROP, cap)
     libc.prctl4(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
