@@ -48,6 +48,8 @@ class DoctorReport:
     overlay: Optional[Check] = None
     time_namespace: Optional[Check] = None
     small_init: Optional[Check] = None
+    #: what a container may do to the kernel it shares, layer by layer (default options)
+    confinement: List[Check] = field(default_factory=list)
     swap_accounting: bool = False
     notes: List[str] = field(default_factory=list)
 
@@ -74,6 +76,10 @@ class DoctorReport:
         if self.overlay:
             lines.append("filesystems:")
             lines.append(_line(self.overlay))
+        if self.confinement:
+            lines.append("confinement (default; --privileged turns it off):")
+            for c in self.confinement:
+                lines.append(_line(c))
         if self.small_init:
             lines.append("idle containers:")
             lines.append(_line(self.small_init))
@@ -108,6 +114,27 @@ def _small_init() -> Check:
                  "one holds about 4 MiB", fix)
 
 
+def _confinement(mnt_ok: bool) -> List[Check]:
+    """Each layer of the default confinement, and whether this host gives it."""
+    from .linux import seccomp
+    checks = [Check("caps", True, "capabilities cut to Docker's default 14 (no SYS_ADMIN, "
+                    "SYS_MODULE, SYS_TIME, ...), inheritable and ambient empty; no_new_privs")]
+    ok, why = seccomp.available()
+    checks.append(Check("seccomp", ok, "system-call filter: mount, keyctl, clock_settime, "
+                        "reboot, bpf, ptrace, new namespaces... fail with EPERM",
+                        why + "; containers run without the filter (and say so)" if not ok else "",
+                        "sudo apt-get install libseccomp2 && pip install pyseccomp" if not ok else ""))
+    what = "/proc/kcore, /proc/keys, /proc/timer_list... masked; /proc/sys, /sys read-only"
+    checks.append(Check("paths", mnt_ok, what, "" if mnt_ok else
+                        "needs a mount namespace, which this host does not give",
+                        "" if mnt_ok else "see the mnt namespace above"))
+    checks.append(Check("devices", mnt_ok, "/dev holds null, zero, full, random, urandom, tty, "
+                        "pts, shm, mqueue; every writable mount is nodev (a device node made "
+                        "with mknod cannot be opened)", "" if mnt_ok else
+                        "needs a mount namespace: the host's /dev is shared", ""))
+    return checks
+
+
 def doctor() -> DoctorReport:
     """Probe the host (real unshare and mount attempts in a child process) and report."""
     backend = cgroups.backend()
@@ -134,6 +161,7 @@ def doctor() -> DoctorReport:
     report.overlay = Check("overlay", ok, "overlayfs: image layers and the throwaway container "
                            "layer", reason, fix)
     report.small_init = _small_init()
+    report.confinement = _confinement(ns["mnt"][0])
     from .images import doctor_note  # how image roots are mounted here
     report.notes.append(doctor_note())
     if not have:

@@ -87,6 +87,22 @@ LIMIT_KEYS: Tuple[str, ...] = ("memory", "swap", "cpus", "cpuset", "pids", "io_r
 # ---------------------------------------------------------------------------------------
 # value parsers: each takes the raw value and the option's label, returns the clean value
 
+def host_memory() -> int:
+    """This machine's memory in bytes (MemTotal)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_memory(raw: Any, label: str = "memory") -> int:
+    """A memory limit: at least MIN_MEMORY, at most what this host has (a larger limit
+    would limit nothing, and is most likely a typo)."""
+    value = parse_size(raw, label, MIN_MEMORY)
+    total = host_memory()
+    if value > total:
+        raise OptionError(label, raw, f"{SIZE_FORM}, from {format_size(MIN_MEMORY)} up to "
+                          f"this host's {format_size(total)} (leave it out for no limit)")
+    return value
+
+
 def parse_size(raw: Any, label: str = "size", minimum: int = 0) -> int:
     """``64M`` -> 67108864. Plain numbers are bytes; units are powers of 1024."""
     if isinstance(raw, bool):
@@ -160,13 +176,18 @@ def _ranges(cpus: List[int]) -> str:
     return ",".join(out)
 
 
+#: the most processes Linux allows at all (PID_MAX_LIMIT on 64-bit machines)
+MAX_PIDS = 4194304
+
+
 def parse_pids(raw: Any, label: str = "pids") -> int:
-    form = "a whole number of processes, at least 2 (the container's init counts as one)"
+    form = (f"a whole number of processes from 2 (the container's init counts as one) "
+            f"to {MAX_PIDS}")
     try:
         value = int(str(raw), 10)
     except ValueError:
         raise OptionError(label, raw, form) from None
-    if value < 2:
+    if not 2 <= value <= MAX_PIDS:
         raise OptionError(label, raw, form)
     return value
 
@@ -225,14 +246,19 @@ def parse_choice(choices: Tuple[str, ...]) -> Callable[[Any, str], str]:
     return parse
 
 
+#: 100 years: the time namespace refuses clock offsets near the kernel's 292-year limit
+MAX_SECONDS = 100 * 365.25 * 86400
+
+
 def parse_seconds(raw: Any, label: str, allow_zero: bool = False) -> float:
-    form = "a number of seconds like 10 or 0.5" + (", 0 or more" if allow_zero else ", more than 0")
+    form = ("a number of seconds like 10 or 0.5, " + ("0" if allow_zero else "more than 0")
+            + f" up to {MAX_SECONDS:.0f} (100 years)")
     try:
         value = float(raw)
     except (TypeError, ValueError):
         raise OptionError(label, raw, form) from None
-    if value < 0 or (value == 0 and not allow_zero) or value != value or value == float("inf"):
-        raise OptionError(label, raw, form)
+    if not (0 <= value <= MAX_SECONDS) or (value == 0 and not allow_zero):
+        raise OptionError(label, raw, form)  # NaN fails the comparison too
     return value
 
 
@@ -361,7 +387,7 @@ class Option:
 
 
 OPTIONS: Tuple[Option, ...] = (
-    Option("memory", ("--mem", "--memory"), lambda v, l: parse_size(v, l, MIN_MEMORY),
+    Option("memory", ("--mem", "--memory"), parse_memory,
            "memory limit, like 64M or 1.5G; going over it gets the container OOM-killed",
            "SIZE", aliases=("mem",)),
     Option("swap", ("--swap",), parse_size,

@@ -1,0 +1,129 @@
+"""The confinement options: what each one gives back or takes away, in a real container.
+(tests/security/ holds the attacks that must fail with the defaults.)"""
+import errno
+import json
+import os
+
+import pytest
+
+import pynsbook
+from pynsbook import Container
+from pynsbook.engine import confine
+from pynsbook.errors import OptionError
+from pynsbook.linux import caps
+from pynsbook.spec import make_spec
+
+pytestmark = [pytest.mark.usefixtures("no_leaks")]
+CONTAINER = pytest.mark.needs("userns") if os.geteuid() else pytest.mark.needs("root")
+
+STATUS = "print({k: v.strip() for k, v in (l.split(':', 1) for l in open('/proc/self/status')) " \
+         "if k in ('CapEff', 'CapBnd', 'CapPrm', 'CapInh', 'CapAmb', 'NoNewPrivs', 'Seccomp')})"
+
+
+def _status(**options):
+    r = pynsbook.run(STATUS, **options)
+    assert r.exit_code == 0, r.stderr
+    return eval(r.stdout)
+
+
+def test_cap_add_and_drop_follow_dockers_rules():
+    assert confine.from_spec(make_spec()).caps == caps.DEFAULT
+    spec = make_spec(cap_add=["NET_ADMIN", "cap_sys_ptrace"], cap_drop="NET_RAW")
+    assert confine.from_spec(spec).caps == caps.DEFAULT - {"NET_RAW"} | {"NET_ADMIN", "SYS_PTRACE"}
+    only = make_spec(cap_drop="ALL", cap_add="NET_BIND_SERVICE")
+    assert confine.from_spec(only).caps == {"NET_BIND_SERVICE"}
+    assert confine.from_spec(make_spec(cap_add="ALL")).caps == caps.ALL
+    assert confine.from_spec(make_spec(privileged=True)).privileged
+
+
+def test_docker_default_capability_mask_is_a80425fb():
+    assert caps.mask(caps.DEFAULT) == 0xA80425FB
+
+
+@CONTAINER
+def test_default_process_has_dockers_capabilities_no_new_privs_and_a_filter():
+    st = _status()
+    assert st["CapEff"] == st["CapPrm"] == st["CapBnd"] == "00000000a80425fb"
+    assert st["CapInh"] == st["CapAmb"] == "0000000000000000"
+    assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+
+
+@CONTAINER
+def test_privileged_keeps_every_capability_and_no_filter():
+    st = _status(privileged=True)
+    assert int(st["CapEff"], 16) == (1 << (caps.LAST_CAP + 1)) - 1
+    assert st["NoNewPrivs"] == "0" and st["Seccomp"] == "0"
+
+
+@CONTAINER
+def test_seccomp_unconfined_drops_the_filter_but_not_the_capability_limits():
+    st = _status(security_opt="seccomp=unconfined")
+    assert st["Seccomp"] == "0"
+    assert st["CapEff"] == "00000000a80425fb"
+
+
+@CONTAINER
+def test_cap_drop_all_makes_chown_fail_and_cap_add_net_admin_can_take_lo_down():
+    r = pynsbook.run(["sh", "-c", "touch /tmp/f && chown 1:1 /tmp/f"], cap_drop="ALL")
+    assert r.exit_code != 0 and "Operation not permitted" in r.stderr
+    down = ["sh", "-c", "ip link set lo down && ip -o link show lo"]
+    r = pynsbook.run(down, cap_add="NET_ADMIN")
+    assert r.exit_code == 0, r.stderr
+    assert "state DOWN" in r.stdout or "<LOOPBACK>" in r.stdout
+    r = pynsbook.run(down)
+    assert r.exit_code != 0  # without it: the default set has no NET_ADMIN
+
+
+@CONTAINER
+def test_cap_add_sys_admin_brings_mount_back_as_docker_does():
+    code = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "os.makedirs('/tmp/m', exist_ok=True)\n"
+            "print(libc.mount(b'none', b'/tmp/m', b'tmpfs', 0, None), ctypes.get_errno())")
+    assert pynsbook.run(code).stdout.split() == ["-1", str(errno.EPERM)]
+    assert pynsbook.run(code, cap_add="SYS_ADMIN").stdout.split() == ["0", "0"]
+
+
+@CONTAINER
+def test_a_docker_format_profile_is_loaded_instead_of_the_default(tmp_path):
+    profile = {"defaultAction": "SCMP_ACT_ALLOW",
+               "syscalls": [{"names": ["getcwd"], "action": "SCMP_ACT_ERRNO", "errnoRet": 42}]}
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    code = "import os\ntry:\n    os.getcwd()\nexcept OSError as e:\n    print(e.errno)"
+    r = pynsbook.run(code, security_opt=f"seccomp={path}")
+    assert r.stdout.strip() == "42", r.stderr
+    # the profile replaces the default filter: keyctl is allowed by this one
+    r = pynsbook.run("import ctypes\nl = ctypes.CDLL(None, use_errno=True)\n"
+                     "print(l.syscall(250, 0, -1, 0) == -1 and ctypes.get_errno())",
+                     security_opt=f"seccomp={path}")
+    assert r.stdout.strip() != str(errno.EPERM)
+
+
+def test_a_profile_that_is_not_dockers_format_is_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"syscalls": []}')
+    with pytest.raises(OptionError) as info:
+        make_spec(security_opt=f"seccomp={bad}", cli=True)
+    assert "defaultAction" in str(info.value) and "\n" not in str(info.value)
+
+
+@CONTAINER
+def test_read_only_root_refuses_writes_but_tmp_and_run_stay_writable():
+    r = pynsbook.run(["sh", "-c", "touch /x; echo $?; touch /tmp/x /run/x /dev/shm/x && echo ok"],
+                     read_only=True)
+    lines = r.stdout.split()
+    assert lines == ["1", "ok"], (r.stdout, r.stderr)
+    assert "Read-only file system" in r.stderr
+
+
+@CONTAINER
+def test_a_spare_worker_is_confined_before_it_runs_a_named_containers_code():
+    # a named container adopting a spare gets its hostname set by a fresh entrant;
+    # the spare's waiting worker, confined already, is not used for it
+    for _ in range(3):
+        pynsbook.run("pass")
+    with Container("conf-named") as c:
+        r = c.run("import socket\n" + STATUS.replace("print(", "print(socket.gethostname(), "))
+    name, st = r.stdout.split(" ", 1)
+    assert name == "conf-named"
+    assert eval(st)["Seccomp"] == "2"
