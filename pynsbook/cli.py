@@ -79,7 +79,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .engine.container import Container
     command: List[str] = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -89,6 +88,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not command:
         raise _Usage("run needs a command after --, like: pynsbook run --mem 64M -- python3 -c 'print(1)'")
     spec = spec_mod.spec_from_args(args)
+    # the launcher first: a fork of this (still single-threaded) process, whose imports run
+    # beside ours instead of a new interpreter's start-up after them
+    from .engine import spawn
+    spawn.prestart(fork=True)
+    from .engine.container import Container
 
     on_out, on_err = echo(sys.stdout), echo(sys.stderr)
 

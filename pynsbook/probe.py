@@ -1,7 +1,9 @@
 """What this host lets this user do: namespace kinds, user namespaces, overlayfs, cgroups.
 
-Each probe runs the real thing once in a short-lived child process (never a fork of the
-notebook's kernel) and is cached for the life of the process.
+Each probe runs the real thing once in short-lived child processes (never forks of the
+notebook's kernel) and is cached for the life of the process. The warm launcher measures it
+as it starts (forks of a fresh, single-threaded process) and hands it over (:func:`seed`),
+so a client need not start an interpreter of its own for it.
 """
 from __future__ import annotations
 
@@ -10,19 +12,22 @@ import json
 import os
 import subprocess
 import sys
-from typing import Dict, Optional, Tuple
+import threading
+from typing import Any, Dict, Optional, Tuple
 
 from .spec import NAMESPACES
 
-# Runs in a fresh interpreter: for each namespace kind, fork and try to unshare it (inside
-# a new user namespace when not root, as an unprivileged user must).
-_NS_PROBE = r"""
+# Runs in a fresh interpreter (or a fresh launcher, see measure()): for each namespace kind,
+# fork and try to unshare it (inside a new user namespace when not root, as an unprivileged
+# user must). The children run side by side; each reports on a pipe of its own.
+_NS_PROBE_BODY = r"""
 import ctypes, json, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
 FLAGS = dict(cgroup=0x02000000, ipc=0x08000000, net=0x40000000, mnt=0x00020000,
              pid=0x20000000, time=0x00000080, user=0x10000000, uts=0x04000000)
 root = os.geteuid() == 0
 out = {}
+children = {}
 for name, flag in FLAGS.items():
     r, w = os.pipe()
     pid = os.fork()
@@ -35,8 +40,11 @@ for name, flag in FLAGS.items():
             err = ctypes.get_errno()
         os.write(w, str(err).encode()); os._exit(0)
     os.close(w)
-    err = int(os.read(r, 16) or b"-1"); os.close(r); os.waitpid(pid, 0)
-    out[name] = err
+    children[name] = (pid, r)
+for name, (pid, r) in children.items():
+    out[name] = int(os.read(r, 16) or b"-1"); os.close(r)
+for pid, _ in children.values():
+    os.waitpid(pid, 0)
 overlay = -1
 uid, gid = os.geteuid(), os.getegid()
 pid = os.fork()
@@ -58,8 +66,9 @@ if pid == 0:
         os._exit(5)
 _, status = os.waitpid(pid, 0)
 overlay = os.waitstatus_to_exitcode(status)
-print(json.dumps({"ns": out, "overlay": overlay}))
+result = {"ns": out, "overlay": overlay}
 """
+_NS_PROBE = _NS_PROBE_BODY + "print(json.dumps(result))\n"
 
 
 def _read(path: str) -> Optional[str]:
@@ -70,14 +79,43 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+_raw: Optional[Dict[str, Any]] = None
+_raw_lock = threading.Lock()
+
+
+def measure() -> Dict[str, Any]:
+    """Run the probe in this process (its forks do the trying). Only for a fresh,
+    single-threaded process such as the launcher: never the notebook's kernel."""
+    scope: Dict[str, Any] = {}
+    exec(_NS_PROBE_BODY, scope)  # noqa: S102 - our own constant source
+    return scope["result"]
+
+
+def seed(raw: Dict[str, Any]) -> None:
+    """Use a probe measured by another process of this user (the launcher), unless this
+    process has one already."""
+    global _raw
+    with _raw_lock:
+        if _raw is None and isinstance(raw, dict) and isinstance(raw.get("ns"), dict):
+            _raw = raw
+
+
+def measured() -> bool:
+    """Whether this process has its probe already (measured here, or seeded)."""
+    return _raw is not None
+
+
 def _raw_probe() -> Dict:
-    try:
-        out = subprocess.run([sys.executable, "-S", "-c", _NS_PROBE], capture_output=True,
-                             text=True, timeout=30, start_new_session=True)
-        return json.loads(out.stdout)
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return {"ns": {n: -1 for n in NAMESPACES}, "overlay": -1}
+    global _raw
+    with _raw_lock:
+        if _raw is None:
+            try:
+                out = subprocess.run([sys.executable, "-S", "-c", _NS_PROBE], capture_output=True,
+                                     text=True, timeout=30, start_new_session=True)
+                _raw = json.loads(out.stdout)
+            except (OSError, ValueError, subprocess.SubprocessError):
+                _raw = {"ns": {n: -1 for n in NAMESPACES}, "overlay": -1}
+        return _raw
 
 
 def userns_blocker() -> Tuple[str, str]:

@@ -227,6 +227,7 @@ class Container:
                 raise ContainerStateError(f"a container named {self.name!r} is already running "
                                           f"(stop it with %container stop {self.name})")
         _reap_stale_once()
+        spawn.prepare()  # the launcher starts now, and measures the host probe the plan needs
         self.plan = plan = make_plan(self.spec)
         if not self._spare:  # once per start: the pool's shape and the config
             self._keep = tuple(_kept_paths())

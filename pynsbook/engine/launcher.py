@@ -4,14 +4,18 @@ Starting a shim as a new ``python`` costs tens of milliseconds of interpreter st
 imports; forking it from a process that has already imported everything costs about one.
 The client never forks itself (a Jupyter kernel runs several threads, and a fork there can
 deadlock on a lock another thread held): it asks the launcher, over one SOCK_SEQPACKET
-socket.
+socket. (The ``pynsbook`` command, single-threaded as it starts, forks itself into its
+launcher instead of starting a new interpreter for it: spawn.prestart.)
 
-client -> launcher: {"op": "spawn", "cfg": {...}} + fds [container socket, stderr pipe]
+client -> launcher: {"op": "spawn", "cfg": {...}, "seq"} + fds [container socket, stderr pipe]
                     {"op": "enter", "cfg", "msg"} + fds [run socket, the run's fds...]
                     (a run in a running container: forks an entrant, no reply; the
                     entrant reports on the run's socket)
                     {"op": "kill", "pid"}  (SIGKILL the container of that shim)
-launcher -> client: {"event": "spawned", "pid"} / {"event": "spawn_failed", "error"}
+launcher -> client: {"event": "hello", "probe": {...} or None} (first: the host probe of
+                    probe.py, measured by forks of this fresh process)
+                    {"event": "spawned", "pid", "seq"} / {"event": "spawn_failed", "error",
+                    "seq"} (``seq`` names the request answered)
                     {"event": "exited", "pid", "status"}  (a container ended: its init's
                     exit status, after its cgroups were removed)
 
@@ -69,7 +73,7 @@ class Launcher:
             elif msg is None:  # the client is gone: its inits end (their lifelines closed)
                 break
             elif msg.get("op") == "spawn":
-                self._spawn(msg["cfg"], fds)
+                self._spawn(msg["cfg"], fds, msg.get("seq"))
             elif msg.get("op") == "enter" and fds:
                 self._enter(msg, fds)
             else:
@@ -95,12 +99,12 @@ class Launcher:
         os.close(self.wake_r)
         os.close(self.wake_w)
 
-    def _spawn(self, cfg: Dict[str, Any], fds: List[int]) -> None:
+    def _spawn(self, cfg: Dict[str, Any], fds: List[int], seq: Any = None) -> None:
         container_fd, stderr_fd = fds[0], fds[1]
         try:
             pid = os.fork()
         except OSError as err:
-            protocol.send(self.sock, {"event": "spawn_failed", "error": str(err)})
+            self._tell({"event": "spawn_failed", "error": str(err), "seq": seq})
             for fd in fds:
                 os.close(fd)
             return
@@ -117,7 +121,7 @@ class Launcher:
         for fd in fds:
             os.close(fd)
         self.children[pid] = _Shim(list(cfg.get("cgroup_dirs") or []))
-        self._tell({"event": "spawned", "pid": pid})
+        self._tell({"event": "spawned", "pid": pid, "seq": seq})
 
     def _enter(self, req: Dict[str, Any], fds: List[int]) -> None:
         try:
@@ -199,14 +203,17 @@ class Launcher:
             os._exit(0)
 
 
-def main(fd: int) -> None:
+def main(fd: int, greeted: bool = False) -> None:
+    sock = socket.socket(fileno=fd)
+    if not greeted:  # (a launcher forked from its client said hello before its imports)
+        protocol.hello(sock)
     # everything imported now lives as long as the process: keep the garbage collector
     # off it, so forked children do not copy the pages it would touch (copy-on-write)
     gc.freeze()
     tiny.load()  # compiled once per machine; shims and inits exec it from this descriptor
     confine.warm()  # the default seccomp filter, compiled once for every fork to share
     libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)  # the inits that shims hand over are ours
-    Launcher(socket.socket(fileno=fd)).serve()
+    Launcher(sock).serve()
 
 
 if __name__ == "__main__":

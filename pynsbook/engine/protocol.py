@@ -92,6 +92,21 @@ def events(sock: socket.socket, wake_r: int) -> Iterator[Tuple[str, Optional[Dic
             yield "message", msg, fds
 
 
+def hello(sock: socket.socket) -> None:
+    """The launcher's first message: what this host lets this user do (probe.py), measured
+    by forks of the launcher while it is fresh and single-threaded, so that the client
+    plans its first container without starting an interpreter of its own for the probe."""
+    try:
+        from .. import probe
+        raw: Optional[Dict[str, Any]] = probe.measure()
+    except Exception:  # the client measures it itself then
+        raw = None
+    try:
+        send(sock, {"event": "hello", "probe": raw})
+    except OSError:
+        pass  # the client is gone: the launcher's loop sees it
+
+
 def payload_fd(data: bytes) -> int:
     """A sealed-size memory file holding ``data``, to pass code of any length."""
     fd = os.memfd_create("pynsbook-payload", os.MFD_CLOEXEC)

@@ -7,12 +7,16 @@ Both give the client the same handle: ``pid``, ``wait(timeout)``, ``kill()``,
 """
 from __future__ import annotations
 
+import gc
+import itertools
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Dict, Optional
 
 from . import protocol
@@ -108,24 +112,108 @@ class PopenShim(Shim):
         self._stderr_fd = -1
 
 
-class LauncherClient:
-    """The client's end of the warm launcher (one per process, started on first use)."""
+class _ForkedLauncher:
+    """A launcher forked from this process (see :func:`prestart`): the part of Popen that
+    LauncherClient uses."""
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: Optional[int] = None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: it has ended all the same
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            pidfd = os.pidfd_open(self.pid)  # readable once it has ended
+        except OSError:  # reaped already (poll says so), or no pidfds: poll in short steps
+            pidfd = -1
+        try:
+            while self.poll() is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired("pynsbook launcher", timeout or 0)
+                if pidfd >= 0:
+                    select.select([pidfd], [], [], left)
+                else:
+                    time.sleep(0.005 if left is None else min(0.005, left))
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        return self.returncode  # type: ignore[return-value]
+
+
+def _fork_launcher(ours: socket.socket, theirs: socket.socket) -> _ForkedLauncher:
+    """Fork this process into the launcher. Only for a single-threaded process whose open
+    descriptors the launcher must not keep are nothing but its stdio (the ``pynsbook``
+    command, first thing): no new interpreter starts, and the launcher's imports run beside
+    the caller's."""
+    env = _child_env()
+    pid = os.fork()
+    if pid:
+        return _ForkedLauncher(pid)
+    try:
+        # nothing of the caller's may be freed here: an object finalised later would close
+        # a descriptor number the launcher has reused by then
+        gc.freeze()
+        ours.close()
+        os.setsid()  # as start_new_session: no terminal's Ctrl-C reaches it
+        os.chdir("/")
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        keep = theirs.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 20)  # what a new interpreter would not have inherited
+        os.environ.clear()
+        os.environ.update(env)
+        protocol.hello(theirs)  # the probe first: the client plans while we import
+        from . import launcher
+        launcher.main(theirs.detach(), greeted=True)
+    finally:
+        os._exit(125)
+
+
+class LauncherClient:
+    """The client's end of the warm launcher (one per process, started on first use).
+
+    The launcher's first message is its hello, with the host probe (probe.py) it measured
+    as it started; then it answers each spawn request (``seq`` pairs them) and reports the
+    end of each container it spawned."""
+
+    def __init__(self, fork: bool = False) -> None:
         ours, theirs = protocol.pair()
         try:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "pynsbook.engine.launcher", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_child_env(),
-                start_new_session=True, cwd="/")
+            if fork:
+                self.popen: Any = _fork_launcher(ours, theirs)
+            else:
+                self.popen = subprocess.Popen(
+                    [sys.executable, "-m", "pynsbook.engine.launcher", str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_child_env(),
+                    start_new_session=True, cwd="/")
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.sock = ours
         self.lock = threading.Lock()
         self.shims: Dict[int, Shim] = {}
-        self.replies: "list[Dict[str, Any]]" = []
+        self.replies: Dict[int, Dict[str, Any]] = {}  # spawn replies, by request
+        self.waiting: "set[int]" = set()  # requests someone waits for (others' replies go)
         self.reply_ready = threading.Condition()
+        self._seq = itertools.count(1)
+        self.hello: Optional[Dict[str, Any]] = None
         self.alive = True
         threading.Thread(target=self._read, name="pynsbook-launcher", daemon=True).start()
 
@@ -137,7 +225,10 @@ class LauncherClient:
                     shim._set_exit(msg["status"])
                 continue
             with self.reply_ready:
-                self.replies.append(msg)
+                if msg.get("event") == "hello":
+                    self.hello = msg
+                elif msg.get("seq") in self.waiting:
+                    self.replies[msg["seq"]] = msg
                 self.reply_ready.notify_all()
         self.alive = False
         with self.reply_ready:
@@ -147,27 +238,39 @@ class LauncherClient:
         for shim in list(self.shims.values()):
             shim._set_exit(-1)
 
+    def probe(self, timeout: float = 10.0) -> Optional[Dict[str, Any]]:
+        """The host probe the launcher measured as it started (None: it did not say)."""
+        with self.reply_ready:
+            self.reply_ready.wait_for(lambda: self.hello is not None or not self.alive, timeout)
+            return (self.hello or {}).get("probe")
+
     def spawn(self, cfg: Dict[str, Any], child: socket.socket) -> Optional[Shim]:
         """Fork a shim in the launcher; None if the launcher is gone."""
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
         with self.lock:
             if not self.alive:
-                os.close(err_r)
-                os.close(err_w)
                 return None
+            seq = next(self._seq)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            with self.reply_ready:
+                self.waiting.add(seq)
             try:
-                protocol.send(self.sock, {"op": "spawn", "cfg": cfg}, [child.fileno(), err_w])
+                try:
+                    protocol.send(self.sock, {"op": "spawn", "cfg": cfg, "seq": seq},
+                                  [child.fileno(), err_w])
+                finally:
+                    os.close(err_w)  # the launcher has its own copy now (or never will)
+                with self.reply_ready:
+                    self.reply_ready.wait_for(lambda: seq in self.replies or not self.alive)
             except OSError:
                 os.close(err_r)
-                os.close(err_w)
                 return None
+            except BaseException:  # interrupted: the reply, when it comes, is dropped
+                os.close(err_r)
+                raise
             finally:
-                if err_w >= 0:
-                    os.close(err_w)
-            with self.reply_ready:
-                while not self.replies and self.alive:
-                    self.reply_ready.wait(5)
-                reply = self.replies.pop(0) if self.replies else None
+                with self.reply_ready:
+                    self.waiting.discard(seq)
+                    reply = self.replies.pop(seq, None)
             if not reply or reply.get("event") != "spawned":
                 os.close(err_r)
                 return None
@@ -195,9 +298,10 @@ class LauncherClient:
                 return False
             return True
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """Let the launcher go: it leaves once the inits it took over have ended (their
-        lifelines close with this process) and their cgroups are removed."""
+        lifelines close with this process) and their cgroups are removed. ``wait``: for
+        that, up to 5 s."""
         # shutdown first: the reader thread blocked in recvmsg() holds the open file, so a
         # bare close() would not end the connection, and the launcher would wait for our exit
         try:
@@ -205,6 +309,9 @@ class LauncherClient:
         except OSError:
             pass
         self.sock.close()
+        if not wait:
+            self.popen.poll()
+            return
         try:
             self.popen.wait(5)
         except subprocess.TimeoutExpired:
@@ -215,17 +322,46 @@ _launcher: Optional[LauncherClient] = None
 _launcher_lock = threading.Lock()
 
 
-def _get_launcher() -> Optional[LauncherClient]:
+def _get_launcher(fork: bool = False) -> Optional[LauncherClient]:
     global _launcher
     if os.environ.get("PYNSBOOK_LAUNCHER", "1") == "0":
         return None
     with _launcher_lock:
         if _launcher is None or not _launcher.alive:
+            if _launcher is not None:
+                _launcher.close(wait=False)  # it ended: release our end
             try:
-                _launcher = LauncherClient()
+                _launcher = LauncherClient(fork=fork)
             except OSError:
-                return None
+                _launcher = None
         return _launcher
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def prestart(fork: bool = False) -> None:
+    """Start this process's launcher now, before a container needs it, so that its start
+    overlaps with the caller's own work. ``fork``: fork this process into it instead of
+    starting a new interpreter — only for a caller that owns its whole process and holds no
+    descriptor but its stdio (the ``pynsbook`` command, first thing); never done while
+    another thread runs."""
+    _get_launcher(fork=fork and _single_threaded())
+
+
+def prepare() -> None:
+    """Before a container is planned: start the launcher (if this process uses one) and take
+    the host probe it measures as it starts, instead of starting an interpreter for it."""
+    from .. import probe
+    launcher = _get_launcher()
+    if launcher is not None and not probe.measured():
+        raw = launcher.probe()
+        if raw is not None:
+            probe.seed(raw)
 
 
 def start_shim(cfg: Dict[str, Any], child: socket.socket, use_launcher: bool = True) -> Shim:
@@ -252,7 +388,12 @@ def start_entrant(req: Dict[str, Any], ours: socket.socket, theirs: socket.socke
         [sys.executable, "-m", "pynsbook.engine.entrant", str(theirs.fileno())],
         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=None, env=_child_env(), cwd="/", start_new_session=True)
-    protocol.send(ours, req, fds)
+    try:
+        protocol.send(ours, req, fds)
+    except BaseException:
+        popen.kill()  # it would wait for a request that never comes
+        popen.wait()
+        raise
     return popen
 
 
