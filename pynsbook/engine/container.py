@@ -23,7 +23,7 @@ from .. import cgroups
 from ..errors import (ContainerError, ContainerNotFound, ContainerStateError, OptionError, PynsbookError,
                       error_from_dict)
 from ..linux.ids import write_id_maps
-from ..linux import procfs
+from ..linux import procfs, rootfs
 from ..linux.mountinfo import read_mountinfo
 from ..results import RunResult, Stats
 from ..spec import Spec, make_spec
@@ -107,6 +107,7 @@ def _kept_paths() -> List[str]:
     this Python's environment, pynsbook itself and the working directory, so a cell can
     import what the notebook can and open files next to it."""
     out: List[str] = []
+    hidden = ("/tmp", "/run") + rootfs.HIDDEN_DIRS
     for p in sorted(_python_dirs(tuple(sys.path)) | {os.path.realpath(os.getcwd())}):
         if (p.startswith("/tmp/") or p.startswith("/run/")) and os.path.isdir(p) \
                 and not any(p == q or p.startswith(q + "/") for q in out):

@@ -40,6 +40,13 @@ MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/late
 #: runc's readonlyPaths: the kernel's settings (/proc/sys: core_pattern runs a program as
 #: host root) and triggers (sysrq-trigger reboots the machine)
 READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+#: what the host view hides: the homes (an empty directory, except the notebook's own
+#: folders: RootBuilder.keep) and the host's credentials (read as empty). Container root is
+#: host root's uid when run as root, and files are checked by uid, not by capability.
+HIDDEN_DIRS = ("/root", "/home")
+HIDDEN_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-",
+                "/etc/sudoers", "/etc/sudoers.d", "/etc/ssh", "/etc/security/opasswd",
+                "/root/.ssh", "/root/.gnupg")
 
 
 def _under(path: str, prefixes: Sequence[str]) -> bool:
@@ -129,9 +136,10 @@ class RootBuilder:
         self.upper = upper
         #: a private, writable copy to use as the root as it is (where overlayfs is refused)
         self.copy_root = copy_root
-        #: host directories under /tmp or /run to show through the container's fresh ones
-        #: (the notebook's Python environment and working directory may live there)
+        #: host directories under /tmp, /run or a hidden home to show all the same (the
+        #: notebook's Python environment and working directory may live there)
         self.keep = [] if lowers or copy_root else list(keep)
+        self.host_view = not (lowers or copy_root)
         self.ns = set(namespaces)
         self.cgroup_mounts = cgroup_mounts
         self.root = os.path.join(SCRATCH, "root")
@@ -265,6 +273,12 @@ class RootBuilder:
             except OSError:
                 pass
 
+    def _hide_host_secrets(self) -> None:
+        for path in HIDDEN_DIRS:
+            if os.path.isdir(self.root + path):
+                libc.mount("tmpfs", self.root + path, "tmpfs", _NOSUID_NODEV, "mode=755")
+        mask(self.root, HIDDEN_FILES)
+
     # -- the whole thing -----------------------------------------------------------------
 
     def _host_view(self, root_fd: int, mountpoints: Sequence[str]) -> None:
@@ -309,6 +323,8 @@ class RootBuilder:
             os.mkdir(self.root)
             if self.copy_root:
                 libc.mount(f"/proc/self/fd/{lower_fds[0]}", self.root, None, libc.MS_BIND)
+                libc.mount(None, self.root, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_NODEV |
+                           _statvfs_flags(self.root))
             elif self.lowers:
                 self._overlay(":".join(f"/proc/self/fd/{fd}" for fd in lower_fds), self.root,
                               f"/proc/self/fd/{upper_fd}" if upper_fd >= 0 else None)
@@ -324,6 +340,8 @@ class RootBuilder:
         self._proc()
         self._sys()
         self._dev()
+        if self.host_view:
+            self._hide_host_secrets()
         libc.mount("tmpfs", self.root + "/tmp", "tmpfs", _NOSUID_NODEV, "mode=1777")
         libc.mount("tmpfs", self.root + "/run", "tmpfs", _NOSUID_NODEV, "mode=755")
         for path, fd in keep_fds:  # under their own throwaway overlay, like the rest
@@ -334,6 +352,8 @@ class RootBuilder:
         if self.mask_paths:
             mask(self.root, MASKED)
             make_readonly(self.root, READ_ONLY)
+        if self.host_view:  # again, over what keep showed of a home (its .ssh)
+            mask(self.root, HIDDEN_FILES)
         os.chdir(self.root)
         # pivot_root(".", ".") stacks the old root on top of the new one; detaching it
         # leaves only the new root (the trick runc uses: no put_old directory needed)
