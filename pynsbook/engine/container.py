@@ -103,13 +103,14 @@ def _python_dirs(sys_path: tuple) -> frozenset:
 
 
 def _kept_paths() -> List[str]:
-    """Directories under /tmp and /run (fresh in a container) that the host view keeps:
-    this Python's environment, pynsbook itself and the working directory, so a cell can
-    import what the notebook can and open files next to it."""
+    """Directories the host view would hide (fresh /tmp and /run, hidden /root and /home)
+    that it shows all the same: this Python's environment, pynsbook itself and the working
+    directory, so a cell can import what the notebook can and open files next to it."""
     out: List[str] = []
     hidden = ("/tmp", "/run") + rootfs.HIDDEN_DIRS
     for p in sorted(_python_dirs(tuple(sys.path)) | {os.path.realpath(os.getcwd())}):
-        if (p.startswith("/tmp/") or p.startswith("/run/")) and os.path.isdir(p) \
+        if any(p == h or p.startswith(h + "/") for h in hidden) and os.path.isdir(p) \
+                and p not in ("/tmp", "/run") \
                 and not any(p == q or p.startswith(q + "/") for q in out):
             out.append(p)
     return out
@@ -622,9 +623,9 @@ class Container:
 
         Only spares have one (their first run is the run they were made for); a container
         that runs cell after cell forks per run, so `ps` inside shows no idle stranger."""
-        worker, self._fresh = self._fresh, None
         if self._hostname:  # it is confined already, and cannot set the name: fork anew
             return None
+        worker, self._fresh = self._fresh, None
         return worker if worker is not None and worker.alive else None
 
     def _discard_fresh_worker(self) -> None:
