@@ -188,14 +188,16 @@ class PynsbookCold(Subject):
 
     group = "pynsbook"
 
-    def __init__(self, cell: str, prepared: bool = True) -> None:
+    def __init__(self, cell: str, prepared: bool = True, confined: bool = True) -> None:
         super().__init__()
         self.cell = cell
         self.prepared = prepared
+        #: --privileged: the same container without capabilities cut, filter or masks
+        self.options = dict(CONTAINER_OPTIONS, **({} if confined else {"privileged": True}))
         self.name = ("pynsbook-cold-" if prepared else "pynsbook-unprepared-") + \
-            ("pass" if cell == "pass" else "true")
+            ("" if confined else "unconfined-") + ("pass" if cell == "pass" else "true")
         what = "Python cell `pass`" if cell == "pass" else "/bin/true"
-        self.label = (f"pynsbook new container, {what}" +
+        self.label = (f"pynsbook new container, {what}" + ("" if confined else ", privileged") +
                       (" (prepared ahead)" if prepared else " (nothing prepared)"))
 
     def once(self) -> None:
@@ -203,10 +205,10 @@ class PynsbookCold(Subject):
         from ..engine.container import run
         argv = "pass" if self.cell == "pass" else ["/bin/true"]
         if self.prepared:
-            r = run(argv, **CONTAINER_OPTIONS)
+            r = run(argv, **self.options)
         else:
             with pool.bypassed():
-                r = run(argv, **CONTAINER_OPTIONS)
+                r = run(argv, **self.options)
         _ok(r)
 
 
@@ -371,8 +373,15 @@ register("ns-all", lambda **o: Unshare("ns-all", tuple(libc.NS_FLAGS), "unshare 
          "fork, unshare of all eight kinds, fork, exit")
 register("pynsbook-cold-pass", lambda **o: PynsbookCold("pass"), "new container, Python `pass`")
 register("pynsbook-cold-true", lambda **o: PynsbookCold("true"), "new container, /bin/true")
+register("pynsbook-cold-unconfined-pass", lambda **o: PynsbookCold("pass", confined=False),
+         "the same, --privileged: what confinement costs a prepared start")
+register("pynsbook-cold-unconfined-true", lambda **o: PynsbookCold("true", confined=False),
+         "new container, /bin/true, --privileged")
 register("pynsbook-unprepared-pass", lambda **o: PynsbookCold("pass", prepared=False),
          "new container made after the request, Python `pass`")
+register("pynsbook-unprepared-unconfined-pass",
+         lambda **o: PynsbookCold("pass", prepared=False, confined=False),
+         "the same, --privileged: what confinement costs a start from nothing")
 register("pynsbook-warm-pass", lambda **o: PynsbookWarm("pass"), "running container, Python `pass`")
 register("pynsbook-warm-true", lambda **o: PynsbookWarm("true"), "running container, /bin/true")
 register("unshare", lambda **o: unshare_peer(), "unshare -pfnmiu --mount-proc true")
