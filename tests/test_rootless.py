@@ -115,5 +115,11 @@ def test_without_user_namespaces_a_run_still_runs_and_doctor_says_why():
         pytest.skip("this host gives this user namespaces (the no-privilege VM lane has none)")
     r = pynsbook.run(["sh", "-c", "echo hi"])
     assert r.ok and r.stdout == "hi\n" and r.namespaces == []
+    assert "WITHOUT ISOLATION" in r.dropped["namespaces"]  # never silent
+    import subprocess, sys
+    cli = subprocess.run([sys.executable, "-m", "pynsbook", "run", "--", "true"],
+                         capture_output=True, text=True, timeout=60)
+    lines = [l for l in cli.stderr.splitlines() if "WITHOUT ISOLATION" in l]
+    assert cli.returncode == 0 and len(lines) == 1, cli.stderr
     user = next(c for c in pynsbook.doctor().namespaces if c.name == "user")
     assert not user.ok and user.reason and user.fix

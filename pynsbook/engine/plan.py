@@ -82,6 +82,12 @@ def make_plan(spec: Spec) -> Plan:
             namespaces.remove(name)
             dropped_ns[name] = support["user"][1]
     plan = Plan(namespaces=namespaces, dropped_namespaces=dropped_ns)
+    if not namespaces and spec.namespaces:
+        # never silent: the code runs, but it is no container at all
+        why = dropped_ns.get("user") or next(iter(dropped_ns.values()), "")
+        plan.dropped["namespaces"] = (f"this host gives no namespaces ({why}): the code runs "
+                                      "WITHOUT ISOLATION, as an ordinary process of this user "
+                                      "on the host")
     _options_needing_namespaces(spec, plan, support)
 
     backend = cgroups.backend()
