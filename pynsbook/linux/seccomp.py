@@ -54,6 +54,9 @@ _REFUSED: Tuple[Tuple[Tuple[str, ...], Optional[str]], ...] = (
 #: a user namespace is what unprivileged programs such as browsers sandbox themselves with)
 _NS_FLAGS = (0x00000080, 0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x20000000,
              0x40000000)
+#: ADDR_NO_RANDOMIZE (no ASLR), MMAP_PAGE_ZERO (page 0 mapped: NULL-pointer exploits) and
+#: READ_IMPLIES_EXEC (data executable) (<linux/personality.h>)
+_PERSONA_FLAGS = (0x0040000, 0x0100000, 0x0400000)
 _TIOCSTI = 0x5412  # push a character into a terminal's input: a shell outside reads it
 _TIOCLINUX = 0x541C
 
@@ -100,6 +103,16 @@ def _default(sc: Any, caps: FrozenSet[str]) -> Any:
     for names, cap in _REFUSED:
         if cap is None or cap not in caps:
             _refuse_all(flt, sc, names, eperm)
+    # personality flags that weaken the process against exploits (ADDR_NO_RANDOMIZE turns off
+    # ASLR, READ_IMPLIES_EXEC makes data executable...), as Docker refuses them. The query
+    # personality(0xffffffff) changes nothing and stays allowed: a rule can test one
+    # comparison per argument, so "flag set and not the query" is written as "flag set and
+    # some other bit clear", for each other bit (the kernel reads the low 32 bits only)
+    for flag in _PERSONA_FLAGS:
+        for other in range(32):
+            if (1 << other) != flag:
+                flt.add_rule(eperm, "personality",
+                             sc.Arg(0, sc.MASKED_EQ, flag | (1 << other), flag))
     if "SYS_ADMIN" not in caps:
         for call in ("unshare", "clone"):
             for bit in _NS_FLAGS:
