@@ -44,6 +44,7 @@ _CAPABILITY_VERSION_3 = 0x20080522
 #: glibc's capset() wrapper is in libcap, not libc: the raw system call, by architecture
 _SYS_CAPSET = {"aarch64": 91, "riscv64": 91, "ppc64le": 184, "s390x": 185,
                "i686": 185, "armv7l": 185}.get(libc.MACHINE, 126)
+_SYS_CAPGET = _SYS_CAPSET - 1  # capget is just before capset in every table above
 
 
 def normalize(name: str) -> str:
@@ -88,22 +89,49 @@ class _Data(ctypes.Structure):
 
 def restrict_bounding(keep: FrozenSet[str]) -> None:
     """Drop every capability but ``keep`` from the bounding set, and clear the ambient set:
-    no exec can give this process or its children more than ``keep`` again."""
+    no exec can give this process or its children more than ``keep`` again.
+
+    Dropping needs CAP_SETPCAP. A process without it (an ordinary user, no user namespace)
+    has no capabilities to lose, and with no_new_privs no exec can give it any: its
+    bounding set is left as it is."""
     keep_bits = mask(keep)
     for cap in range(LAST_CAP + 1):
-        if not keep_bits & (1 << cap):
+        if keep_bits & (1 << cap) or not _in_bounding(cap):
+            continue
+        try:
             libc.prctl(PR_CAPBSET_DROP, cap)
+        except PermissionError:
+            if _effective() & (1 << NUMBER["SETPCAP"]):
+                raise
+            break
     libc.prctl4(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
 
-def restrict(keep: FrozenSet[str]) -> None:
-    """Reduce this process's effective and permitted sets to ``keep``, inheritable to none.
-    Irreversible; call it after everything that needs more (hostname, keyring)."""
-    keep_bits = mask(keep)
+def _in_bounding(cap: int) -> bool:
+    return libc.prctl_get(PR_CAPBSET_READ, cap) == 1
+
+
+def _capget() -> "ctypes.Array[_Data]":
     header = _Header(_CAPABILITY_VERSION_3, 0)
     data = (_Data * 2)()
+    libc.raw_syscall(_SYS_CAPGET, "capget", ctypes.byref(header), ctypes.byref(data))
+    return data
+
+
+def _effective() -> int:
+    data = _capget()
+    return data[0].effective | (data[1].effective << 32)
+
+
+def restrict(keep: FrozenSet[str]) -> None:
+    """Reduce this process's effective and permitted sets to ``keep`` (or to what it has of
+    it), inheritable to none. Irreversible; call it after everything that needs more."""
+    current = _capget()
+    header = _Header(_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    keep_bits = mask(keep)
     for i in (0, 1):  # 64 bits in two 32-bit halves
-        half = (keep_bits >> (32 * i)) & 0xFFFFFFFF
+        half = (keep_bits >> (32 * i)) & 0xFFFFFFFF & current[i].permitted
         # inheritable stays empty, as in runc since CVE-2022-24769: with file capabilities
         # it could hand a non-root program capabilities across an exec
         data[i].effective = data[i].permitted = half
