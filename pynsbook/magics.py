@@ -70,7 +70,7 @@ class ContainerMagics(Magics):
             run.run()
             return None
         run.start()
-        cellrun.BACKGROUND.append(run)
+        cellrun.remember(run)
         if args.proc:
             self.shell.user_ns[args.proc] = run
         print(f"pynsbook: container {run.container.name} runs in the background"

@@ -103,6 +103,20 @@ def render_html(runs: List[BenchRun], images: Dict[str, bytes]) -> str:
                                      f"{fmt_time(g['reference_s'])} = <b>{g['ratio']:.2f}×</b> "
                                      f"(goal ≤ {g['goal']}×): {'met' if g['met'] else 'not met'}</li>")
                 parts.append("</ul>")
+            command = run.data.get("command_goals", [])
+            if command:
+                parts.append("<h3>Issue 17 goal: the command, process start to exit (same run)</h3><ul>")
+                for g in command:
+                    if g.get("ratio") is None:
+                        parts.append(f"<li>{html.escape(g['subject'])} / {html.escape(g['reference'])}: "
+                                     f"not measured — {html.escape(str(g.get('why')))}</li>")
+                    else:
+                        cls = "met" if g["met"] else "notmet"
+                        parts.append(f"<li class={cls}>{html.escape(g['subject'])} / "
+                                     f"{html.escape(g['reference'])} = {fmt_time(g['ours_s'])} / "
+                                     f"{fmt_time(g['reference_s'])} = <b>{g['ratio']:.2f}×</b> "
+                                     f"(goal ≤ {g['goal']}×): {'met' if g['met'] else 'not met'}</li>")
+                parts.append("</ul>")
         if kind == "density":
             from .density import format_density
             parts.append(f"<pre>{html.escape(format_density(run))}</pre>")

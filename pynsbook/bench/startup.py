@@ -6,6 +6,10 @@ Issue-7 goals (all numbers from the same run):
   CPU and pids limits), request to result, at most 0.35x ``crun run`` of ``/bin/true``;
 - the same within 1.5x of the floor: fork + unshare(pid,mnt,uts,ipc,net) + fork + mount
   ``/proc`` inside an already running Python.
+
+Issue-17 goal: the command ``pynsbook run -- /bin/true`` (a new process, start to exit: the
+``pynsbook-cli-true`` subject) at most 6x ``crun run`` of ``/bin/true``, measured interleaved
+with it (``--subjects pynsbook-cli-true,crun,crun-prep``).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ GOALS = [("crun", 0.35), ("floor", 1.5)]
 #: A subject registered later (the warm launcher of issue 7) appends its name here.
 GOAL_CANDIDATES: List[str] = ["pynsbook-cold-pass", "pynsbook-unprepared-pass"]
 PEERS = ["unshare", "bwrap", "crun", "runc", "microvm"]
+#: issue 17: (subject, reference, goal) for the command as a user runs it, start to exit
+COMMAND_GOALS = [("pynsbook-cli-true", "crun", 6.0)]
 
 
 def run_startup(subjects: Optional[str] = None, *, repeat: int = 20, warmup: int = 2,
@@ -29,7 +35,9 @@ def run_startup(subjects: Optional[str] = None, *, repeat: int = 20, warmup: int
                   show_progress=show_progress)
     run.config["subjects"] = [s.name for s in subs]
     run.data["goals"] = goal_ratios(run)
+    run.data["command_goals"] = command_goal_ratios(run)
     run.data["peers"] = peer_ratios(run)
+    run.data["confinement"] = confinement_costs(run)
     vm = run.get("microvm")
     if vm is not None and vm.meta.get("accel"):
         run.env["vm_accel"] = vm.meta["accel"]
@@ -42,23 +50,54 @@ def goal_ratios(run: BenchRun) -> List[Dict[str, Any]]:
         if run.get(ours) is None and ours != "pynsbook-cold-pass":
             continue  # a registered candidate that was not part of this run
         for base, goal in GOALS:
-            a, b = run.median(ours), run.median(base)
-            entry: Dict[str, Any] = {"subject": ours, "reference": base, "goal": goal,
-                                     "what": f"{_label(run, ours)} vs {_label(run, base)}"}
-            if a is None or b is None:
-                missing = [n for n, v in ((ours, a), (base, b)) if v is None]
-                entry.update(ratio=None, met=None,
-                             why=f"not measured in this run: {', '.join(missing)}"
-                             + _reason(run, missing))
-            else:
-                entry.update(ours_s=a, reference_s=b, ratio=a / b, met=a / b <= goal)
-                prep, fork = run.median("crun-prep"), run.median("fork")
-                if base == "crun" and prep is not None and fork is not None and b > prep - fork > 0:
-                    # the hybrid workaround is ours, not crun's: say what crun costs without it
-                    adj = b - (prep - fork)
-                    entry.update(workaround_s=prep - fork, reference_adjusted_s=adj,
-                                 ratio_adjusted=a / adj, met_adjusted=a / adj <= goal)
-            out.append(entry)
+            out.append(_ratio(run, ours, base, goal))
+    return out
+
+
+def command_goal_ratios(run: BenchRun) -> List[Dict[str, Any]]:
+    """The issue-17 ratios, for the subjects of COMMAND_GOALS that were part of this run."""
+    return [_ratio(run, ours, base, goal) for ours, base, goal in COMMAND_GOALS
+            if run.get(ours) is not None]
+
+
+def _ratio(run: BenchRun, ours: str, base: str, goal: float) -> Dict[str, Any]:
+    a, b = run.median(ours), run.median(base)
+    entry: Dict[str, Any] = {"subject": ours, "reference": base, "goal": goal,
+                             "what": f"{_label(run, ours)} vs {_label(run, base)}"}
+    if a is None or b is None:
+        missing = [n for n, v in ((ours, a), (base, b)) if v is None]
+        entry.update(ratio=None, met=None,
+                     why=f"not measured in this run: {', '.join(missing)}" + _reason(run, missing))
+    else:
+        entry.update(ours_s=a, reference_s=b, ratio=a / b, met=a / b <= goal)
+        prep, fork = run.median("crun-prep"), run.median("fork")
+        if base == "crun" and prep is not None and fork is not None and b > prep - fork > 0:
+            # the hybrid workaround is ours, not crun's: say what crun costs without it
+            adj = b - (prep - fork)
+            entry.update(workaround_s=prep - fork, reference_adjusted_s=adj,
+                         ratio_adjusted=a / adj, met_adjusted=a / adj <= goal)
+    return entry
+
+
+#: issue 17: what the default confinement may add to a prepared start (median)
+CONFINEMENT_GOAL_S = 0.3e-3
+
+
+def confinement_costs(run: BenchRun) -> List[Dict[str, Any]]:
+    """Each confined start against the same start --privileged, from this run."""
+    out = []
+    for r in run.results:
+        if "-unconfined-" not in r.name:
+            continue
+        confined = r.name.replace("unconfined-", "")
+        a, b = run.median(confined), run.median(r.name)
+        if a is None or b is None:
+            continue
+        entry: Dict[str, Any] = {"subject": confined, "unconfined": r.name, "confined_s": a,
+                                 "unconfined_s": b, "cost_s": a - b}
+        if confined.startswith("pynsbook-cold-"):  # the goal is for prepared starts
+            entry.update(goal_s=CONFINEMENT_GOAL_S, met=a - b <= CONFINEMENT_GOAL_S)
+        out.append(entry)
     return out
 
 
@@ -129,9 +168,28 @@ def format_startup(run: BenchRun) -> str:
             parts = [f"{p} {fmt_time(run.median(p))} ({fmt_ratio(r.median / run.median(p))})"  # type: ignore[operator]
                      for p in peers]
             lines.append(f"  {r.name} {fmt_time(r.median)}: " + ", ".join(parts))
+    if run.data.get("confinement"):
+        lines.append("")
+        lines.append("what confinement costs (median confined - median --privileged, same run):")
+        for c in run.data["confinement"]:
+            verdict = ""
+            if "goal_s" in c:
+                verdict = f"  (goal <= {fmt_time(c['goal_s'])})  {'MET' if c['met'] else 'NOT MET'}"
+            lines.append(f"  {c['subject']}: {fmt_time(c['confined_s'])} - {fmt_time(c['unconfined_s'])}"
+                         f" = {fmt_time(c['cost_s'])}{verdict}")
     lines.append("")
     lines.append("issue 7 goals (ratios from this run):")
-    for g in run.data.get("goals", []):
+    lines += _goal_lines(run.data.get("goals", []))
+    if run.data.get("command_goals"):
+        lines.append("")
+        lines.append("issue 17 goal, the command from process start to exit (ratio from this run):")
+        lines += _goal_lines(run.data["command_goals"])
+    return "\n".join(lines)
+
+
+def _goal_lines(goals: List[Dict[str, Any]]) -> List[str]:
+    lines = []
+    for g in goals:
         if g.get("ratio") is None:
             lines.append(f"  {g['subject']} / {g['reference']}: not measured — {g.get('why')}")
             continue
@@ -142,4 +200,4 @@ def format_startup(run: BenchRun) -> str:
             lines.append(f"    crun without its hybrid-host workaround ({fmt_time(g['workaround_s'])} "
                          f"measured by crun-prep - fork): {fmt_time(g['reference_adjusted_s'])}, ratio "
                          f"{g['ratio_adjusted']:.2f}x  {'MET' if g['met_adjusted'] else 'NOT MET'}")
-    return "\n".join(lines)
+    return lines

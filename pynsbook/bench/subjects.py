@@ -6,7 +6,8 @@
 - namespace: fork, ``unshare(2)`` of one namespace kind (and a second fork for pid and time,
   which only apply to children), exit — and all eight kinds at once;
 - pynsbook: a new container per run (cold) running the Python cell ``pass`` or ``/bin/true``;
-  a started container running them (warm);
+  a started container running them (warm); and the command ``pynsbook run -- /bin/true`` as
+  a user types it, from the start of its process to its exit (issue 17);
 - peer: ``unshare(1)``, bubblewrap, ``crun run`` and ``runc run`` of ``/bin/true`` with a
   64 MiB memory limit (an OCI bundle of busybox built in a temporary directory);
 - vm: a QEMU microVM booted to the ready marker of its init (KVM or emulation, labelled).
@@ -240,6 +241,37 @@ class PynsbookWarm(Subject):
             self.container = None
 
 
+class PynsbookCommand(Subject):
+    """``pynsbook run -- /bin/true`` as a user types it: a new process, timed from its start
+    to its exit — the interpreter's start-up, the imports, the launcher, the container, its
+    removal and the exit. The container has what the crun peer's has: a 64 MiB memory limit
+    and the pid, net, ipc, uts and mount namespaces."""
+
+    name = "pynsbook-cli-true"
+    group = "pynsbook"
+    ARGS = ["run", "--mem", "64M", "--ns", ",".join(FIVE), "--", "/bin/true"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.argv: List[str] = []
+        self.label = "pynsbook run --mem 64M --ns " + ",".join(FIVE) + " -- /bin/true (process start to exit)"
+
+    def check(self) -> Optional[str]:
+        import sys
+        script = os.path.join(os.path.dirname(sys.executable), "pynsbook")
+        if os.access(script, os.X_OK):  # the command of this environment, as a user runs it
+            self.argv = [script] + self.ARGS
+        else:
+            self.argv = [sys.executable, "-m", "pynsbook"] + self.ARGS
+        self.meta["argv"] = self.argv
+        if os.geteuid() != 0:
+            return "needs root (the peers it is compared with run as root)"
+        return None
+
+    def once(self) -> None:
+        spawn(self.argv)
+
+
 def _ok(result: object) -> None:
     code = getattr(result, "exit_code", 0)
     if code != 0:
@@ -382,6 +414,8 @@ register("pynsbook-unprepared-pass", lambda **o: PynsbookCold("pass", prepared=F
 register("pynsbook-unprepared-unconfined-pass",
          lambda **o: PynsbookCold("pass", prepared=False, confined=False),
          "the same, --privileged: what confinement costs a start from nothing")
+register("pynsbook-cli-true", lambda **o: PynsbookCommand(),
+         "the command `pynsbook run -- /bin/true`, process start to exit")
 register("pynsbook-warm-pass", lambda **o: PynsbookWarm("pass"), "running container, Python `pass`")
 register("pynsbook-warm-true", lambda **o: PynsbookWarm("true"), "running container, /bin/true")
 register("unshare", lambda **o: unshare_peer(), "unshare -pfnmiu --mount-proc true")

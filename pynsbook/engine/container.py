@@ -315,10 +315,13 @@ class Container:
         }
 
     def _launch(self, plan: Plan) -> None:
-        client, child = protocol.pair()
         cfg = self._config(plan)
+        client, child = protocol.pair()
         try:
             self._shim = spawn.start_shim(cfg, child)
+        except BaseException:
+            client.close()
+            raise
         finally:
             child.close()
         self._sock = client
@@ -606,15 +609,21 @@ class Container:
         """Start a Python worker in the container (through an entrant); returns at once
         (requests queue on its socket until it reads them)."""
         rid = str(next(self._ids))
-        job = self._jobs[rid] = _Job(rid, worker=True)
-        ours, theirs = protocol.pair()
-        null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         msg = self._base_msg(None, None)
         msg.update(id=rid, repl=True, fds={"stdin": 0, "stdout": 1, "stderr": 2, "repl": 3})
+        job = self._jobs[rid] = _Job(rid, worker=True)
+        ours, theirs = protocol.pair()
         try:
-            self._enter(job, msg, [null, null, null, theirs.fileno()])
+            null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self._enter(job, msg, [null, null, null, theirs.fileno()])
+            finally:
+                os.close(null)
+        except BaseException:
+            ours.close()
+            self._jobs.pop(rid, None)
+            raise
         finally:
-            os.close(null)
             theirs.close()
         return _Repl(job, ours)
 
@@ -678,104 +687,115 @@ class Container:
         assert self.plan is not None
         rid = str(next(self._ids))
         job = _Job(rid, signal_rid=repl.job.rid if repl else rid)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        fds = [in_r, out_w, err_w]
-        roles = {"stdin": 0, "stdout": 1, "stderr": 2}
-        out_fd = None
-        if code is not None:
-            roles["code"] = len(fds)
-            fds.append(protocol.payload_fd(code.encode("utf-8")))
-            if payload_inputs is not None:
-                roles["inputs"] = len(fds)
-                fds.append(protocol.payload_fd(payload_inputs))
-            if outputs:
-                out_fd = os.memfd_create("pynsbook-outputs", os.MFD_CLOEXEC)
-                roles["outputs"] = len(fds)
-                fds.append(os.dup(out_fd))
-        msg = {"id": rid, "fds": roles, "outputs": outputs}
-        self._jobs[rid] = job
-        if repl is None:
-            msg.update(self._base_msg(env, workdir))
-            msg.update(python=True) if code is not None else msg.update(argv=argv)
-        else:
-            repl.current = job
-            repl.job.worker = False  # busy: stop() must let it finish
-            if repl.oneshot:
-                base = self._base_msg(env, workdir)
-                msg.update(last=True, env=base["env"], workdir=base["workdir"],
-                           workdir_asked=base["workdir_asked"],
-                           rlimits=base.get("rlimits"), cpus_affinity=base.get("cpus_affinity"),
-                           confine=base["confine"])
-        fb = self.plan.fallback_limits
-        before = self.cgroup.counters() if self.cgroup else None
-        if self.cgroup:
-            self.cgroup.start_peak_window()
+        # every descriptor this run opens is closed on every path, exceptions included:
+        # ``owned`` holds the ones still ours to close
+        owned: List[int] = []
         sampler = None
-        if not self.cgroup or "memory" in fb:
-            from .sampler import Sampler
-            process = repl.job if repl is not None else job
-            sampler = self._sampler = Sampler(lambda: [process.entrant_pid or 0], fb.get("memory"))
-        t0 = time.monotonic()
+        sent = pumped = False
         try:
+            out_r, out_w = _pipe(owned)
+            err_r, err_w = _pipe(owned)
+            in_r, in_w = _pipe(owned)
+            fds = [in_r, out_w, err_w]
+            roles = {"stdin": 0, "stdout": 1, "stderr": 2}
+            out_fd = None
+            if code is not None:
+                roles["code"] = len(fds)
+                fds.append(_own(owned, protocol.payload_fd(code.encode("utf-8"))))
+                if payload_inputs is not None:
+                    roles["inputs"] = len(fds)
+                    fds.append(_own(owned, protocol.payload_fd(payload_inputs)))
+                if outputs:
+                    out_fd = _own(owned, os.memfd_create("pynsbook-outputs", os.MFD_CLOEXEC))
+                    roles["outputs"] = len(fds)
+                    fds.append(_own(owned, os.dup(out_fd)))
+            msg = {"id": rid, "fds": roles, "outputs": outputs}
+            self._jobs[rid] = job
+            if repl is None:
+                msg.update(self._base_msg(env, workdir))
+                msg.update(python=True) if code is not None else msg.update(argv=argv)
+            else:
+                repl.current = job
+                repl.job.worker = False  # busy: stop() must let it finish
+                if repl.oneshot:
+                    base = self._base_msg(env, workdir)
+                    msg.update(last=True, env=base["env"], workdir=base["workdir"],
+                               workdir_asked=base["workdir_asked"],
+                               rlimits=base.get("rlimits"), cpus_affinity=base.get("cpus_affinity"),
+                               confine=base["confine"])
+            fb = self.plan.fallback_limits
+            before = self.cgroup.counters() if self.cgroup else None
+            if self.cgroup:
+                self.cgroup.start_peak_window()
+            if not self.cgroup or "memory" in fb:
+                from .sampler import Sampler
+                process = repl.job if repl is not None else job
+                sampler = self._sampler = Sampler(lambda: [process.entrant_pid or 0], fb.get("memory"))
+            t0 = time.monotonic()
             if repl is None:
                 self._enter(job, msg, fds)
             else:
                 protocol.send(repl.sock, msg, fds)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        if stdin:
-            threading.Thread(target=_feed, args=(in_w, stdin), daemon=True).start()
-        else:
-            os.close(in_w)
-        if on_start:
-            on_start(self, rid)
-        result = RunResult(exit_code=-1, container=self.name, namespaces=list(self.plan.namespaces),
-                           limits=dict(self.plan.limits), dropped=dict(self.plan.dropped),
-                           enforcement=self.plan.enforcement)
-        try:
+            sent = True
+            _close(owned, fds)  # the process has its own copies; ours would keep EOF away
+            if stdin:
+                owned.remove(in_w)  # the feeder closes it
+                threading.Thread(target=_feed, args=(in_w, stdin), daemon=True).start()
+            else:
+                _close(owned, [in_w])
+            if on_start:
+                on_start(self, rid)
+            result = RunResult(exit_code=-1, container=self.name, namespaces=list(self.plan.namespaces),
+                               limits=dict(self.plan.limits), dropped=dict(self.plan.dropped),
+                               enforcement=self.plan.enforcement)
             self._pump(job, out_r, err_r, result, on_stdout, on_stderr, t0, timeout, sampler)
-        except KeyboardInterrupt:
-            self._interrupt(job)
+            pumped = True
+        except BaseException:
+            if sent and not job.exited.is_set():
+                # interrupted (or a callback failed): nobody will wait for this run, so it
+                # is stopped as the stop button stops it
+                self._interrupt(job)
             raise
         finally:
-            os.close(out_r)
-            os.close(err_r)
+            # all but the outputs memfd, which is read once the run is over
+            _close(owned, [fd for fd in owned if not (pumped and fd == out_fd)])
             self._jobs.pop(rid, None)
             if sampler:
                 sampler.stop()
-        result.wall_time = time.monotonic() - t0
-        if repl is not None:
-            repl.job.worker = True
-            if repl.oneshot:
+            if repl is not None:
+                repl.job.worker = True
+        try:
+            result.wall_time = time.monotonic() - t0
+            if repl is not None and repl.oneshot:
                 # a one-shot worker exits after its request: wait, so that its memory and
                 # CPU are counted and freed before the result says what they were
                 repl.job.exited.wait(5)
-        if repl is not None and job.code is None:
-            # the worker itself died (OOM, a signal, os._exit): a persistent one's state is lost
-            repl.job.exited.wait(2)
-            job.code, job.signal, job.rusage = repl.job.code, repl.job.signal, repl.job.rusage
-            if job.code is not None and not repl.oneshot:
-                note = ("pynsbook: the container's Python process ended "
-                        f"({'signal ' + str(job.signal) if job.signal else 'status ' + str(job.code)}); "
-                        "its variables are lost and the next run starts afresh\n")
-                result.stderr += note
-                if on_stderr:
-                    on_stderr(note)
-        if job.error is not None:
-            raise job.error
-        if job.code is None and (self._dead.is_set() or not self.running):
-            raise self._died_early()  # the init is gone: the container is broken, not the code
-        if job.code is None:  # what followed the run ended (the launcher was killed?)
-            raise ContainerError("pynsbook lost track of this run: the process that waited "
-                                 "for it ended; the container still runs")
-        result.exit_code = job.code
-        result.signal = job.signal
-        self._account(result, job, before, sampler)
-        if out_fd is not None:
-            _read_outputs(out_fd, result, outputs)
+            if repl is not None and job.code is None:
+                # the worker itself died (OOM, a signal, os._exit): a persistent one's state is lost
+                repl.job.exited.wait(2)
+                job.code, job.signal, job.rusage = repl.job.code, repl.job.signal, repl.job.rusage
+                if job.code is not None and not repl.oneshot:
+                    note = ("pynsbook: the container's Python process ended "
+                            f"({'signal ' + str(job.signal) if job.signal else 'status ' + str(job.code)}); "
+                            "its variables are lost and the next run starts afresh\n")
+                    result.stderr += note
+                    if on_stderr:
+                        on_stderr(note)
+            if job.error is not None:
+                raise job.error
+            if job.code is None and (self._dead.is_set() or not self.running):
+                raise self._died_early()  # the init is gone: the container is broken, not the code
+            if job.code is None:  # what followed the run ended (the launcher was killed?)
+                raise ContainerError("pynsbook lost track of this run: the process that waited "
+                                     "for it ended; the container still runs")
+            result.exit_code = job.code
+            result.signal = job.signal
+            self._account(result, job, before, sampler)
+            if out_fd is not None:
+                owned.remove(out_fd)  # _read_outputs closes it
+                _read_outputs(out_fd, result, outputs)
+        finally:
+            _close(owned, list(owned))  # the outputs memfd, when no result was made
         return result
 
     def _pump(self, job: _Job, out_r: int, err_r: int, result: RunResult,
@@ -983,6 +1003,26 @@ def _read_outputs(fd: int, result: RunResult, names: Sequence[str]) -> None:
         result.outputs = {}
         result.output_errors = {"*": "nothing came back: what the container sent could not "
                                      f"be read ({type(err).__name__})"}
+
+
+def _pipe(owned: List[int]) -> "tuple[int, int]":
+    """A pipe whose ends go into ``owned`` (the descriptors a run must close)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    owned += (r, w)
+    return r, w
+
+
+def _own(owned: List[int], fd: int) -> int:
+    owned.append(fd)
+    return fd
+
+
+def _close(owned: List[int], fds: Sequence[int]) -> None:
+    """Close those of ``fds`` that are still in ``owned``, and forget them there."""
+    for fd in fds:
+        if fd in owned:
+            owned.remove(fd)
+            os.close(fd)
 
 
 def _feed(fd: int, data: bytes) -> None:

@@ -7,11 +7,13 @@ deadlock on a lock another thread held): it asks the launcher, over one SOCK_SEQ
 socket. (The ``pynsbook`` command, single-threaded as it starts, forks itself into its
 launcher instead of starting a new interpreter for it: spawn.prestart.)
 
-client -> launcher: {"op": "spawn", "cfg": {...}, "seq"} + fds [container socket, stderr pipe]
+client -> launcher: {"op": "client", "session"}  (first: its cgroup session, see _leave)
+                    {"op": "spawn", "cfg": {...}, "seq"} + fds [container socket, stderr pipe]
                     {"op": "enter", "cfg", "msg"} + fds [run socket, the run's fds...]
                     (a run in a running container: forks an entrant, no reply; the
                     entrant reports on the run's socket)
                     {"op": "kill", "pid"}  (SIGKILL the container of that shim)
+                    {"op": "bye"}  (last, before the client closes its end)
 launcher -> client: {"event": "hello", "probe": {...} or None} (first: the host probe of
                     probe.py, measured by forks of this fresh process)
                     {"event": "spawned", "pid", "seq"} / {"event": "spawn_failed", "error",
@@ -34,7 +36,7 @@ import select
 import signal
 import socket
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Set
 
 from . import confine, protocol
 # imported now, so that forked shims, inits and workloads find them already loaded
@@ -60,6 +62,9 @@ class Launcher:
         self.sock = sock
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.children: Dict[int, _Shim] = {}  # by the shim's PID (= the init's session)
+        self.entrants: Set[int] = set()  # each waits for a run (reaped before we leave)
+        self.session: Optional[str] = None  # the client's cgroup session (its first message)
+        self.bye = False  # the client let us go (else it died: see _leave)
         self.closing = False
 
     def serve(self) -> None:
@@ -76,6 +81,10 @@ class Launcher:
                 self._spawn(msg["cfg"], fds, msg.get("seq"))
             elif msg.get("op") == "enter" and fds:
                 self._enter(msg, fds)
+            elif msg.get("op") == "client":
+                self.session = str(msg.get("session") or "") or None
+            elif msg.get("op") == "bye":
+                self.bye = True
             else:
                 if msg.get("op") == "kill":
                     self._kill(int(msg["pid"]))
@@ -144,6 +153,7 @@ class Launcher:
                 run_entrant(socket.socket(fileno=fds[0]), req, fds[1:])
             finally:
                 os._exit(125)
+        self.entrants.add(pid)
         for fd in fds:
             os.close(fd)
 
@@ -183,6 +193,7 @@ class Launcher:
             pid = info.si_pid
             owner = procfs.session(pid)
             _, status = os.waitpid(pid, 0)
+            self.entrants.discard(pid)
             code = os.waitstatus_to_exitcode(status)
             code = code if code >= 0 else 128 - code
             shim = self.children.get(pid)
@@ -199,8 +210,30 @@ class Launcher:
             remove_cgroups(shim.dirs)  # the container is over (or never was)
             del self.children[pid]
             self._tell({"event": "exited", "pid": pid, "status": code})
-        if self.closing and not self.children:
-            os._exit(0)
+        if self.closing and not self.children and not self.entrants:
+            self._leave()
+
+    def _leave(self) -> None:
+        """The client is gone and every container we spawned is over: go. A client that
+        died instead of saying bye (SIGKILL) may have left cgroups no container of ours
+        took over (killed while starting one): its session's go too, now rather than at
+        some later start's clean-up of dead sessions."""
+        if not self.bye and self.session and "/" not in self.session \
+                and self.session not in (".", ".."):
+            try:
+                from .. import cgroups
+                from ..cgroups.base import remove_tree
+                for top in cgroups.backend().tops():
+                    session = os.path.join(top, self.session)
+                    if os.path.isdir(session):
+                        remove_tree(session)
+                    try:
+                        os.rmdir(top)  # pynsbook's own, if that was the last session
+                    except OSError:
+                        pass
+            except Exception:
+                pass
+        os._exit(0)
 
 
 def main(fd: int, greeted: bool = False) -> None:

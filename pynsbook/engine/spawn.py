@@ -215,6 +215,11 @@ class LauncherClient:
         self._seq = itertools.count(1)
         self.hello: Optional[Dict[str, Any]] = None
         self.alive = True
+        try:  # whose cgroups to remove if we die without saying bye
+            from ..cgroups.base import session_name
+            protocol.send(ours, {"op": "client", "session": session_name()})
+        except OSError:
+            pass  # gone already: the reader finds out
         threading.Thread(target=self._read, name="pynsbook-launcher", daemon=True).start()
 
     def _read(self) -> None:
@@ -302,6 +307,13 @@ class LauncherClient:
         """Let the launcher go: it leaves once the inits it took over have ended (their
         lifelines close with this process) and their cgroups are removed. ``wait``: for
         that, up to 5 s."""
+        if self.lock.acquire(timeout=1):  # (a start stuck waiting for its reply: no bye)
+            try:
+                protocol.send(self.sock, {"op": "bye"})  # we let it go: we did not die
+            except OSError:
+                pass
+            finally:
+                self.lock.release()
         # shutdown first: the reader thread blocked in recvmsg() holds the open file, so a
         # bare close() would not end the connection, and the launcher would wait for our exit
         try:

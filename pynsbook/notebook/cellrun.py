@@ -345,7 +345,20 @@ class LiveOutput:
             self._pusher.join(5)
 
 
+#: the --bg runs of this kernel that %container ls and wait_all still need (see remember)
 BACKGROUND: List[CellRun] = []
+
+
+def remember(run: CellRun) -> None:
+    """Keep a --bg run, and let finished ones go, as IPython's script magics prune their
+    finished background processes: a finished run stays only while it is the latest run of
+    a named container (what a user can still ask for by that name); a finished anonymous
+    run goes (its ``--proc`` variable, if any, keeps the handle). Each run holds its
+    inputs, result and display state, so keeping them all would grow without end."""
+    BACKGROUND.append(run)
+    latest = {r.spec.name: r for r in BACKGROUND if r.spec.name}
+    BACKGROUND[:] = [r for r in BACKGROUND
+                     if not r.done or (r.spec.name and latest[r.spec.name] is r)]
 
 
 def wait_all(timeout: float = 5.0) -> None:
