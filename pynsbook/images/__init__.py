@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 import time
 import weakref
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -156,14 +157,17 @@ def commit(container: "Container", image: str, message: str = "") -> Image:
         st.require_new(image)
         diff_dir = os.path.join(stage, "l0", "diff")
         os.makedirs(diff_dir)
-        _layers.copy_tree(upper, diff_dir, skip=empty_mount_point)
+        left_out = _layers.copy_tree(upper, diff_dir, skip=empty_mount_point)
         base = att.image
         by = message or f"commit of container {container.name} (image {base.name})"
         digest = st.prepare_layer(diff_dir, by)
         has_files = bool(os.listdir(diff_dir))
         new = Image(name=image, layers=base.layers + ([digest] if has_files else []),
                     config=base.config, created=time.time(), source=by, parent=base.name)
-        return st.create_image(new, [(digest, diff_dir)] if has_files else [])
+        new = st.create_image(new, [(digest, diff_dir)] if has_files else [])
+    if left_out:
+        sys.stderr.write(_layers.describe_left_out(f"commit of {container.name}", left_out) + "\n")
+    return new
 
 
 def materialize(name: str, dest: str) -> str:

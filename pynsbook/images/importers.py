@@ -30,7 +30,9 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
+import sys
 import tarfile
 import time
 from typing import IO, Any, Dict, List, Optional, Tuple
@@ -126,7 +128,7 @@ def import_dir(path: str, name: str, base: Optional[str] = None, store: Optional
         diff = os.path.join(stage, "l0", "diff")
         os.makedirs(diff)
         try:
-            L.copy_tree(src, diff, opaque=False)
+            left_out = L.copy_tree(src, diff, opaque=False)
         except PermissionError as err:
             raise ImageError(f"cannot import {path}: {err.strerror}: {err.filename} "
                              "(import it as root, or make it readable)") from None
@@ -137,7 +139,10 @@ def import_dir(path: str, name: str, base: Optional[str] = None, store: Optional
         image = Image(name=name, layers=(below.layers if below else []) + [digest],
                       config=cfg, created=time.time(), source=f"directory {src}",
                       parent=base)
-        return store.create_image(image, [(digest, diff)])
+        image = store.create_image(image, [(digest, diff)])
+    if left_out:
+        sys.stderr.write(L.describe_left_out(f"import of {src}", left_out) + "\n")
+    return image
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,11 +179,7 @@ class _Bundle:
         parts = clean_name(name, self.path)
         key = "/".join(parts)
         if self.tar is None:
-            full = os.path.join(self.path, *parts)
-            real = os.path.realpath(full)
-            if not real.startswith(os.path.realpath(self.path) + os.sep):
-                raise ImageError(f"cannot import {self.path}: {name} points outside it")
-            return open(real, "rb")
+            return self._open_in_dir(parts, name)
         m = self.members.get(key)
         if m is None:
             raise ImageError(f"cannot import {self.path}: it has no {name}")
@@ -190,6 +191,57 @@ class _Bundle:
         if f is None:
             raise ImageError(f"cannot import {self.path}: {name} is not a file")
         return f
+
+    def _open_in_dir(self, parts: List[str], name: str) -> IO[bytes]:
+        """Open ``parts`` below the layout directory for reading. Its symlinks (docker save
+        links repeated layers to the first copy) are followed by hand, one component at a
+        time, only while they stay inside; the kernel never follows one (O_NOFOLLOW), so a
+        link swapped in meanwhile makes the open fail rather than leave the layout."""
+        outside = ImageError(f"cannot import {self.path}: {name} points outside it")
+        real_top = os.path.realpath(self.path)
+        fds = [os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+        todo, hops = list(parts), 0
+        try:
+            while todo:
+                comp = todo.pop(0)
+                if comp in ("", "."):
+                    continue
+                if comp == "..":
+                    if len(fds) == 1:
+                        raise outside
+                    os.close(fds.pop())
+                    continue
+                st = os.stat(comp, dir_fd=fds[-1], follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    hops += 1
+                    if hops > 40:
+                        raise ImageError(f"cannot import {self.path}: {name}: too many symlinks")
+                    target = os.readlink(comp, dir_fd=fds[-1])
+                    if target.startswith("/"):  # only an absolute name of a path inside
+                        if not (target + "/").startswith(real_top + "/"):
+                            raise outside
+                        while len(fds) > 1:
+                            os.close(fds.pop())
+                        target = target[len(real_top):]
+                    todo = target.split("/") + todo
+                    continue
+                if todo:
+                    fds.append(os.open(comp, L.DIR_FLAGS, dir_fd=fds[-1]))
+                    continue
+                fd = os.open(comp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             dir_fd=fds[-1])
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise ImageError(f"cannot import {self.path}: {name} is not a file")
+                return open(fd, "rb")
+            raise ImageError(f"cannot import {self.path}: {name} is not a file")
+        except FileNotFoundError:
+            raise ImageError(f"cannot import {self.path}: it has no {name}") from None
+        except OSError as err:
+            raise ImageError(f"cannot import {self.path}: cannot open {name}: {err.strerror}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def json(self, name: str) -> Any:
         with self.open(name) as f:
@@ -296,6 +348,7 @@ def import_archive(path: str, name: str, store: Optional[Store] = None) -> Image
             store.require_new(name)
             layer_list, cfg = _read_layout(b)
             prepared: List[Tuple[str, str]] = []
+            left_out: List[str] = []
             for i, (member, expected, media) in enumerate(layer_list):
                 if "zstd" in media:
                     raise ImageError(f"cannot import {path}: layer {i + 1} is zstd-compressed, "
@@ -305,7 +358,8 @@ def import_archive(path: str, name: str, store: Optional[Store] = None) -> Image
                 label = f"{os.path.basename(path)}, layer {i + 1}"
                 with b.open(member) as raw:
                     reader = _HashingReader(raw)
-                    apply_tar(reader, diff, label)  # type: ignore[arg-type]
+                    left_out += [f"{e} in layer {i + 1}" for e in
+                                 apply_tar(reader, diff, label)]  # type: ignore[arg-type]
                     got = reader.drain()
                 if expected and got != expected:
                     raise ImageError(f"cannot import {path}: layer {i + 1} does not match its "
@@ -318,9 +372,12 @@ def import_archive(path: str, name: str, store: Optional[Store] = None) -> Image
                           created=time.time(), source=os.path.abspath(path))
             if not image.layers:
                 raise ImageError(f"cannot import {path}: the image has no files")
-            return store.create_image(image, prepared)
+            image = store.create_image(image, prepared)
     finally:
         b.close()
+    if left_out:
+        sys.stderr.write(L.describe_left_out(f"import of {os.path.basename(path)}", left_out) + "\n")
+    return image
 
 
 def store_entries(diff: str) -> int:

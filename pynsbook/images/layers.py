@@ -30,7 +30,7 @@ import hashlib
 import os
 import stat
 import tarfile
-from typing import IO, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from ..errors import PynsbookError
 
@@ -54,10 +54,11 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def make_whiteout(path: str) -> None:
-    """A 0/0 character device: allowed without CAP_MKNOD since Linux 5.8."""
+def make_whiteout(path: str, dir_fd: Optional[int] = None) -> None:
+    """A 0/0 character device: allowed without CAP_MKNOD since Linux 5.8. With ``dir_fd``,
+    ``path`` is a name in that directory (never reached through a symlink)."""
     try:
-        os.mknod(path, stat.S_IFCHR | 0o000, 0)
+        os.mknod(path, stat.S_IFCHR | 0o000, 0, dir_fd=dir_fd)
     except PermissionError as err:
         raise LayerError(f"cannot create the whiteout {path} (a 0/0 device; this needs "
                          "Linux 5.8 or newer, or root)") from err
@@ -73,11 +74,15 @@ def is_opaque(path: str) -> bool:
     return False
 
 
-def set_opaque(path: str) -> None:
+def set_opaque(path: Union[str, int]) -> None:
+    """Mark a directory opaque: a path (its last component not followed) or an open fd."""
     done = False
     for name in OPAQUE_XATTRS:
         try:
-            os.setxattr(path, name, b"y", follow_symlinks=False)
+            if isinstance(path, int):
+                os.setxattr(path, name, b"y")
+            else:
+                os.setxattr(path, name, b"y", follow_symlinks=False)
             done = True
         except OSError:
             continue  # trusted.* needs real root; user.* may be missing on some filesystems
@@ -87,26 +92,149 @@ def set_opaque(path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# never following links: directories by fd, attributes without following
+#
+# Everything in a layer (and in a container's layer) is hostile: a directory met early may
+# be a symlink to the host by the time its attributes are set. So directories are reached
+# one component at a time from an fd of the layer root, each with O_NOFOLLOW|O_DIRECTORY,
+# and attributes are set on fds, or on a name in such a directory without following it.
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: errors of open_dir_at meaning "not (or no longer) a real directory of this tree"
+NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR, errno.ENOENT)
+
+
+def open_dir_at(root_fd: int, parts: Sequence[str]) -> int:
+    """A new fd of the directory ``parts`` below the directory fd ``root_fd``, every
+    component a real directory: OSError (errno in NOT_A_DIR) if one is a symlink, a file
+    or missing."""
+    fd = os.open(".", DIR_FLAGS, dir_fd=root_fd)
+    try:
+        for comp in parts:
+            if comp in ("", ".", "..") or "/" in comp:
+                raise ValueError(f"not a path component: {comp!r}")
+            nfd = os.open(comp, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _set_time(target: Union[str, int], mtime: Optional[float], dir_fd: Optional[int] = None) -> None:
+    if mtime is None:
+        return
+    try:
+        if isinstance(target, int):
+            os.utime(target, (mtime, mtime))
+        else:
+            os.utime(target, (mtime, mtime), dir_fd=dir_fd, follow_symlinks=False)
+    except (OSError, OverflowError, ValueError, TypeError):
+        pass  # a time the filesystem cannot hold: the file keeps the time it has
+
+
+def set_attrs_fd(fd: int, mode: int, uid: int, gid: int, mtime: Optional[float]) -> None:
+    """Owner (root only), permission bits and mtime of the open file ``fd``. The owner
+    first: chown clears the setuid and setgid bits the mode then sets."""
+    if os.geteuid() == 0:
+        os.fchown(fd, uid, gid)
+    os.fchmod(fd, stat.S_IMODE(mode))
+    _set_time(fd, mtime)
+
+
+def set_attrs_at(dir_fd: int, name: str, mode: int, uid: int, gid: int,
+                 mtime: Optional[float]) -> None:
+    """Like set_attrs_fd, for the entry ``name`` of directory ``dir_fd``, never following
+    it: a symlink gets its owner and time (a symlink has no permission bits)."""
+    if os.geteuid() == 0:
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        _chmod_nofollow(name, stat.S_IMODE(mode), dir_fd)
+    _set_time(name, mtime, dir_fd)
+
+
+def _chmod_nofollow(name: str, mode: int, dir_fd: Optional[int] = None) -> None:
+    """chmod that fails (OSError) rather than follow ``name`` if it is a symlink."""
+    try:
+        os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)  # fchmodat(AT_SYMLINK_NOFOLLOW)
+        return
+    except (NotImplementedError, ValueError):
+        pass  # a symlink (then the open below fails), or a C library without it
+    except OSError as err:
+        if err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:  # ELOOP above for a symlink; a file, directory or FIFO is changed through its fd
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def apply_dir_attrs(root: str, dirs: Dict[Tuple[str, ...], Tuple[int, int, int, Optional[float]]]) -> None:
+    """Set ``(mode, uid, gid, mtime)`` on directories below ``root`` given by their path
+    components, deepest first (a directory left read-only can be filled before), each
+    reached without following a symlink. A path that is no longer a directory (a later
+    entry replaced it, with a symlink perhaps) is left alone."""
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        for parts in sorted(dirs, key=len, reverse=True):
+            try:
+                fd = open_dir_at(root_fd, parts)
+            except OSError as err:
+                if err.errno in NOT_A_DIR:
+                    continue
+                raise
+            try:
+                set_attrs_fd(fd, *dirs[parts])
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
+
+
+# ---------------------------------------------------------------------------------------
 # walking a layer
 
 def walk(root: str, skip_mount_points: bool = False) -> Iterator[Tuple[str, str, os.stat_result]]:
     """(relative path, full path, lstat) of every entry below ``root``, each directory
-    followed by its contents (pre-order), siblings sorted by name. Never follows symlinks."""
-    def entries(rel_dir: str, full_dir: str) -> Iterator[Tuple[str, str, os.stat_result]]:
+    followed by its contents (pre-order), siblings sorted by name. Never follows symlinks.
+
+    The tree may be live and hostile (a running container's layer): each directory is
+    listed through an fd opened with O_NOFOLLOW and checked to be the inode its parent
+    listed, and its entries are lstat'ed in it; a directory swapped for a symlink meanwhile
+    is not listed (its name is still yielded, with what was seen). Whoever opens a yielded
+    full path must check the inode too (as ``copy_entry`` does)."""
+    def entries(rel_dir: str, full_dir: str,
+                expect: Optional[os.stat_result]) -> Iterator[Tuple[str, str, os.stat_result]]:
         try:
-            names = sorted(os.listdir(full_dir), key=os.fsencode)
-        except FileNotFoundError:
-            return
-        for name in names:
+            fd = os.open(full_dir, DIR_FLAGS if expect is not None else
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            if err.errno in NOT_A_DIR:
+                return  # removed, or replaced by a symlink or a file, since it was listed
+            raise
+        try:
+            got = os.fstat(fd)
+            if expect is not None and (got.st_dev, got.st_ino) != (expect.st_dev, expect.st_ino):
+                return
+            listed = []
+            for name in sorted(os.listdir(fd), key=os.fsencode):
+                try:
+                    listed.append((name, os.stat(name, dir_fd=fd, follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue
+        finally:
+            os.close(fd)
+        for name, st in listed:
             rel = f"{rel_dir}/{name}" if rel_dir else name
             full = os.path.join(full_dir, name)
-            st = os.lstat(full)
             if skip_mount_points and not rel_dir and name in MOUNT_POINTS and \
-                    stat.S_ISDIR(st.st_mode) and not os.listdir(full):
+                    stat.S_ISDIR(st.st_mode) and _empty_dir(full):
                 continue
             yield rel, full, st
 
-    stack = [entries("", root)]
+    stack = [entries("", root, None)]
     while stack:
         item = next(stack[-1], None)
         if item is None:
@@ -114,7 +242,14 @@ def walk(root: str, skip_mount_points: bool = False) -> Iterator[Tuple[str, str,
             continue
         yield item
         if stat.S_ISDIR(item[2].st_mode):
-            stack.append(entries(item[0], item[1]))
+            stack.append(entries(item[0], item[1], item[2]))
+
+
+def _empty_dir(path: str) -> bool:
+    try:
+        return not os.listdir(path)
+    except OSError:
+        return False
 
 
 def container_id(n: int) -> int:
@@ -224,43 +359,58 @@ def disk_usage(paths: List[str], seen: Optional[Set[Tuple[int, int]]] = None) ->
 # ---------------------------------------------------------------------------------------
 # copying entries (directory import, commit, the copy fallback)
 
+def is_device(st: os.stat_result) -> bool:
+    """A block or character device other than a whiteout: never kept in a layer."""
+    return (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) and not is_whiteout(st)
+
+
 def copy_entry(src: str, st: os.stat_result, dst: str,
-               links: Optional[Dict[Tuple[int, int], str]] = None) -> None:
+               links: Optional[Dict[Tuple[int, int], str]] = None) -> bool:
     """Create ``dst`` as a copy of ``src`` (not following symlinks), with its mode and,
     as root, its owner. Directories are created empty and writable: the caller sets their
-    attributes once they are filled. ``links`` keeps hard links."""
+    attributes once they are filled. ``links`` keeps hard links. Device nodes (whiteouts
+    aside) are not copied: returns False for them (the caller says so), True otherwise."""
     if stat.S_ISDIR(st.st_mode):
         os.mkdir(dst, 0o700)
-        return  # its attributes come last (copy_tree), so it can be filled first
+        return True  # its attributes come last (copy_tree), so it can be filled first
     if stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(src), dst)
     elif stat.S_ISREG(st.st_mode):
         key = (st.st_dev, st.st_ino)
         if links is not None and st.st_nlink > 1 and key in links:
-            os.link(links[key], dst)
-            return
-        _copy_file(src, dst)
+            os.link(links[key], dst, follow_symlinks=False)
+            return True
+        _copy_file(src, dst, st)
         if links is not None and st.st_nlink > 1:
             links[key] = dst
     elif is_whiteout(st):
         make_whiteout(dst)
-    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        if os.geteuid() != 0:
-            return  # only root may make device nodes; images rarely need them (/dev is fresh)
-        os.mknod(dst, st.st_mode, st.st_rdev)
+    elif is_device(st):
+        # a device node in an image, a directory or a container's layer: whoever can read
+        # the store would reach the host's device through it (docker keeps them and relies
+        # on the device cgroup; we keep none: a container gets its own /dev)
+        return False
     elif stat.S_ISFIFO(st.st_mode):
-        os.mkfifo(dst)
+        os.mkfifo(dst, 0o600)
     else:
-        return  # sockets
+        return True  # sockets: not files a layer can carry
     set_attrs(dst, st.st_mode, st.st_uid, st.st_gid, st.st_mtime)
+    return True
 
 
-def _copy_file(src: str, dst: str) -> None:
-    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _copy_file(src: str, dst: str, st: Optional[os.stat_result] = None) -> None:
+    """Copy the file ``src`` to the new file ``dst``; with ``st``, ``src`` must still be
+    that inode (a path reached through a directory swapped for a symlink is not)."""
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
+        got = os.fstat(fin)
+        if not stat.S_ISREG(got.st_mode) or (
+                st is not None and (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino)):
+            raise LayerError(f"{src} changed while it was being copied (it is no longer the "
+                             "file that was listed); nothing was kept")
         fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            size = os.fstat(fin).st_size
+            size = got.st_size
             while size > 0:
                 n = os.copy_file_range(fin, fout, min(size, 1 << 30))
                 if n == 0:
@@ -283,27 +433,27 @@ def _copy_file(src: str, dst: str) -> None:
 
 
 def set_attrs(path: str, mode: int, uid: int, gid: int, mtime: Optional[float]) -> None:
-    """Owner (root only), permission bits (not on symlinks) and mtime of ``path``."""
-    is_link = stat.S_ISLNK(mode)
+    """Owner (root only), permission bits (not on symlinks) and mtime of ``path``, never
+    following ``path`` itself if it is a symlink. (Its parents are followed: for paths
+    this process made; a tree that may have changed under us goes by apply_dir_attrs.)"""
+    is_link = stat.S_ISLNK(mode) or os.path.islink(path)
     if os.geteuid() == 0:
         os.lchown(path, uid, gid)
     if not is_link:
-        os.chmod(path, stat.S_IMODE(mode))
-    if mtime is not None:
-        try:
-            os.utime(path, (mtime, mtime), follow_symlinks=False)
-        except OSError:
-            pass
+        _chmod_nofollow(path, stat.S_IMODE(mode))
+    _set_time(path, mtime)
 
 
 def copy_tree(src: str, dst: str, skip: Callable[[str, os.stat_result], bool] = lambda r, s: False,
-              opaque: bool = True) -> None:
+              opaque: bool = True) -> List[str]:
     """Copy the tree ``src`` into the existing directory ``dst`` (an empty layer directory).
+    Returns the paths (relative) of the device nodes left out.
 
     Directory modes are set last, so a read-only directory can still be filled."""
     links: Dict[Tuple[int, int], str] = {}
-    dirs: List[Tuple[str, os.stat_result]] = []
+    dirs: Dict[Tuple[str, ...], Tuple[int, int, int, Optional[float]]] = {}
     skipped: List[str] = []
+    devices: List[str] = []
     for rel, full, st in walk(src):
         if any(rel.startswith(s + "/") for s in skipped):
             continue
@@ -311,29 +461,39 @@ def copy_tree(src: str, dst: str, skip: Callable[[str, os.stat_result], bool] = 
             skipped.append(rel)
             continue
         target = os.path.join(dst, rel)
-        copy_entry(full, st, target, links)
+        if not copy_entry(full, st, target, links):
+            devices.append(rel)
+            continue
         if stat.S_ISDIR(st.st_mode):
-            dirs.append((target, st))
+            dirs[tuple(rel.split("/"))] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime)
             if opaque and is_opaque(full):
                 set_opaque(target)
-    for target, st in reversed(dirs):
-        set_attrs(target, st.st_mode, st.st_uid, st.st_gid, st.st_mtime)
+    apply_dir_attrs(dst, dirs)
+    return devices
+
+
+def describe_left_out(source: str, entries: List[str]) -> str:
+    """One line saying which device nodes an import or commit left out, and why."""
+    shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    return (f"pynsbook: {source}: left out {len(entries)} device node(s): {shown} "
+            "(an image brings no device nodes: a container gets its own /dev)")
 
 
 def rmtree(path: str) -> None:
     """Remove a tree even where directories were left without write permission (an
-    overlay's work/work is mode 000)."""
+    overlay's work/work is mode 000), never following a symlink in it."""
     if not os.path.lexists(path):
         return
-    for dirpath, dirnames, _ in os.walk(path):
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if not os.path.islink(full):
-                try:
-                    os.chmod(full, 0o700)
-                except OSError:
-                    pass
     import shutil
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.unlink(path)
+        return
+    for _, dirnames, _, dir_fd in os.fwalk(path):  # fd-based, never into a symlink
+        for d in dirnames:
+            try:
+                _chmod_nofollow(d, 0o700, dir_fd)
+            except OSError:
+                pass
     shutil.rmtree(path)
 
 
@@ -342,7 +502,7 @@ def flatten(layer_dirs: List[str], dest: str) -> None:
     overlayfs would show them merged: whiteouts delete, opaque directories hide what is
     below. A plain copy of an image, for hosts where overlayfs is refused."""
     links: Dict[Tuple[int, int], str] = {}
-    dirs: Dict[str, os.stat_result] = {}
+    dirs: Dict[Tuple[str, ...], Tuple[int, int, int, Optional[float]]] = {}
     for layer in layer_dirs:
         for rel, full, st in walk(layer):
             target = os.path.join(dest, rel)
@@ -358,18 +518,16 @@ def flatten(layer_dirs: List[str], dest: str) -> None:
                 if old is not None and stat.S_ISDIR(old.st_mode):
                     if is_opaque(full):
                         for name in os.listdir(target):
-                            p = os.path.join(target, name)
-                            rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+                            rmtree(os.path.join(target, name))
                 else:
                     if old is not None:
                         os.unlink(target)
                     os.mkdir(target, 0o700)
-                dirs[target] = st
+                dirs[tuple(rel.split("/"))] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime)
                 continue
             if old is not None:
                 rmtree(target) if stat.S_ISDIR(old.st_mode) else os.unlink(target)
             copy_entry(full, st, target, links)
-    for target in sorted(dirs, key=len, reverse=True):
-        if os.path.isdir(target):
-            st = dirs[target]
-            set_attrs(target, st.st_mode, st.st_uid, st.st_gid, st.st_mtime)
+    # a directory of a lower layer may be a symlink (to anywhere) in an upper one: its
+    # attributes go to the directory only, if it still is one
+    apply_dir_attrs(dest, dirs)
