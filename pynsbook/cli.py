@@ -71,6 +71,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 def echo(stream: Any) -> Callable[[str], None]:
     """A run callback that writes a container's output to ``stream`` as it arrives."""
     def write(text: str) -> None:
+        if stream is None:  # started with that descriptor closed: the output goes nowhere
+            return
         stream.write(text)
         stream.flush()
     return write

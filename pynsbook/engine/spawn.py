@@ -7,6 +7,7 @@ Both give the client the same handle: ``pid``, ``wait(timeout)``, ``kill()``,
 """
 from __future__ import annotations
 
+import fcntl
 import gc
 import itertools
 import os
@@ -152,6 +153,9 @@ class _ForkedLauncher:
         return self.returncode  # type: ignore[return-value]
 
 
+_kept: "list[Any]" = []  # in a forked launcher: what it took over from its caller
+
+
 def _fork_launcher(ours: socket.socket, theirs: socket.socket) -> _ForkedLauncher:
     """Fork this process into the launcher. Only for a single-threaded process whose open
     descriptors the launcher must not keep are nothing but its stdio (the ``pynsbook``
@@ -166,19 +170,30 @@ def _fork_launcher(ours: socket.socket, theirs: socket.socket) -> _ForkedLaunche
         # a descriptor number the launcher has reused by then
         gc.freeze()
         ours.close()
+        keep = theirs.detach()
+        if keep < 3:  # (the caller's stdio was closed) stdio is about to become /dev/null
+            keep, old = fcntl.fcntl(keep, fcntl.F_DUPFD_CLOEXEC, 3), keep
+            os.close(old)
         os.setsid()  # as start_new_session: no terminal's Ctrl-C reaches it
         os.chdir("/")
         null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        keep = theirs.fileno()
+        # the streams a new interpreter would have (the caller's may be None, or hold its
+        # buffered output); the caller's stay referenced, so none is ever finalised here
+        _kept.extend((sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__,
+                      sys.__stderr__))
+        sys.stdin = sys.__stdin__ = open(0, "r", closefd=False)
+        sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
+        sys.stderr = sys.__stderr__ = open(2, "w", errors="backslashreplace", closefd=False)
         os.closerange(3, keep)
         os.closerange(keep + 1, 1 << 20)  # what a new interpreter would not have inherited
         os.environ.clear()
         os.environ.update(env)
-        protocol.hello(theirs)  # the probe first: the client plans while we import
+        sock = socket.socket(fileno=keep)
+        protocol.hello(sock)  # the probe first: the client plans while we import
         from . import launcher
-        launcher.main(theirs.detach(), greeted=True)
+        launcher.main(sock.detach(), greeted=True)
     finally:
         os._exit(125)
 
