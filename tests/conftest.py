@@ -8,6 +8,8 @@ cannot pass by quietly skipping what it exists to test.
 Capabilities: root, rootless_user (able to run code as an unprivileged user: the test user
 made as root, or ourselves when not root), cgroups (memory, cpu and pids controllers usable), cgroup_v1, cgroup_v2, userns,
 overlay, timens, stress_ng, busybox, qemu, cc (a C compiler: the small compiled init),
+delegated_scope (an ordinary user whose processes sit in a delegated v2 scope, as systemd
+leaves a `systemd-run --user --scope -p Delegate=yes` one),
 browser (Debian's chromium, playwright and JupyterLab).
 """
 from __future__ import annotations
@@ -45,6 +47,10 @@ def _capabilities() -> Dict[str, Tuple[bool, str]]:
     from pynsbook.engine import tiny
     caps["cc"] = (tiny._compiler() is not None, "no C compiler (apt-get install gcc libc6-dev)")
     # as root the tests make an unprivileged user; as one already, they run as ourselves
+    caps["delegated_scope"] = (
+        bool(getattr(backend, "delegated_scope", None)) and not root,
+        "not an unprivileged user inside a delegated cgroup-v2 scope "
+        "(systemd-run --user --scope -p Delegate=yes)")
     ok, why = helpers.rootless_user_available() if root else (True, "")
     caps["rootless_user"] = (ok, why)
     import importlib.util

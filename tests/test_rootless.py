@@ -123,3 +123,23 @@ def test_without_user_namespaces_a_run_still_runs_and_doctor_says_why():
     assert cli.returncode == 0 and len(lines) == 1, cli.stderr
     user = next(c for c in pynsbook.doctor().namespaces if c.name == "user")
     assert not user.ok and user.reason and user.fix
+
+
+@pytest.mark.needs("delegated_scope", "cgroup_v2", "userns")
+def test_in_a_delegated_scope_its_processes_move_to_a_leaf_and_containers_get_limits():
+    """As `systemd-run --user --scope -p Delegate=yes jupyter lab` leaves it: this process
+    sits in the scope itself, whose subtree_control is empty. pynsbook moves the scope's
+    processes into a leaf of the scope, enables the delegated controllers, and limits hold."""
+    import pynsbook
+    from pynsbook import cgroups
+    from pynsbook.cgroups.base import procs
+    from pynsbook.cgroups.v2 import LEAF
+    scope = cgroups.backend().delegated_scope
+    r = pynsbook.run("x = bytearray(200 * 1024 * 1024)", memory="64M")
+    assert r.oom_killed, (r.exit_code, r.stderr)
+    with open("/proc/self/cgroup") as f:
+        own = f.read().strip().split("::")[-1]
+    assert own.endswith("/" + LEAF) and scope.endswith(own[:-len(LEAF) - 1])
+    assert procs(scope) == []  # "no internal processes": everything moved to the leaf
+    with open(f"{scope}/cgroup.subtree_control") as f:
+        assert {"memory", "cpu", "pids"} <= set(f.read().split())

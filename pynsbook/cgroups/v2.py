@@ -2,9 +2,16 @@
 
 ``<base>`` is the cgroup root when running as root there (unless this process itself runs in
 a pynsbook cgroup, like a kernel started with limits: then its containers stay inside those
-limits), else the nearest ancestor of this process's cgroup that this user may write to (a delegated subtree, as systemd's
-``Delegate=yes`` gives). Never this process's own cgroup: v2 forbids enabling controllers
-for children of a cgroup that has processes ("no internal processes").
+limits). For an ordinary user it is the subtree systemd delegated to it:
+``systemd-run --user --scope -p Delegate=yes jupyter lab`` puts Jupyter and its kernels *in*
+the delegated scope, whose subtree_control is empty. v2 forbids enabling controllers for the
+children of a cgroup that holds processes ("no internal processes"), so on first use the
+scope's processes move into a leaf of the scope, ``<scope>/pynsbook-leaf`` (as systemd and
+crun do; they stay inside the scope and its limits), and then the delegated controllers are
+enabled in the scope. A process already in that leaf (a kernel Jupyter restarted) uses the
+scope directly; otherwise the nearest ancestor this user may write to.
+As root, the controllers are enabled in every cgroup from the root down to ``<base>``, as
+runc does.
 """
 from __future__ import annotations
 
@@ -33,6 +40,31 @@ def _writable(d: str) -> bool:
     return os.access(d, os.W_OK) and os.access(os.path.join(d, "cgroup.procs"), os.W_OK)
 
 
+#: where the processes of a delegated scope move, so that the scope may have children
+LEAF = "pynsbook-leaf"
+
+
+def _delegated_to_us(d: str) -> bool:
+    """This user owns the cgroup and may enable controllers in it (systemd's Delegate=yes
+    chowns the directory, cgroup.procs, cgroup.subtree_control and cgroup.threads)."""
+    try:
+        return (os.stat(d).st_uid == os.geteuid() and _writable(d)
+                and os.access(os.path.join(d, "cgroup.subtree_control"), os.W_OK))
+    except OSError:
+        return False
+
+
+def find_scope(mount: Mount, own_path: str) -> Optional[str]:
+    """The delegated cgroup this process sits in (not root, not one of pynsbook's own), whose
+    processes must move to a leaf before it can have children; None if there is none."""
+    own = cgroup_dir(mount, own_path)
+    root = mount.mountpoint.rstrip("/") or "/"
+    if (own is None or own.rstrip("/") == root or os.geteuid() == 0 or f"/{TOP}/" in own_path
+            or os.path.basename(own) == LEAF):
+        return None
+    return own if _delegated_to_us(own) else None
+
+
 def find_base(mount: Mount, own_path: str) -> Optional[str]:
     """The directory where this process may create the ``pynsbook`` subtree."""
     own = cgroup_dir(mount, own_path)
@@ -44,6 +76,9 @@ def find_base(mount: Mount, own_path: str) -> Optional[str]:
         return root
     if own.rstrip("/") == root:
         return root if _writable(root) else None
+    scope = find_scope(mount, own_path)
+    if scope is not None:
+        return scope
     d = os.path.dirname(own)
     while len(d) >= len(root):
         if _writable(d):
@@ -69,8 +104,18 @@ class V2Backend(Backend):
         own = read_proc_cgroup().get("", "/") if own_path is None else own_path
         self.own = own
         self._base = find_base(self.mount, own) if self.mount else None
+        #: a delegated scope holding this process: its processes move to a leaf on first use
+        self._scope = find_scope(self.mount, own) if self.mount else None
+        #: that scope, for doctor and the tests (kept after the move)
+        self.delegated_scope = self._scope
         self.session = session_name()
-        if self._base:
+        if self._scope:  # what the scope was given, to enable once its processes moved
+            self._usable = frozenset(c for c in _WANTED if c in _controllers(
+                os.path.join(self._scope, "cgroup.controllers")))
+        elif self._base and os.geteuid() == 0:  # root enables what the parent offers
+            self._usable = frozenset(c for c in _WANTED if c in _controllers(
+                os.path.join(self._base, "cgroup.controllers")))
+        elif self._base:
             delegated = _controllers(os.path.join(self._base, "cgroup.subtree_control"))
             top = os.path.join(self._base, TOP)
             if os.path.isdir(top):  # our own directory: what it got from base is what we have
@@ -111,6 +156,48 @@ class V2Backend(Backend):
                        + (" (or with systemd: systemctl set-property user@$UID.service "
                           "Delegate=yes)" if os.geteuid() else ""))
 
+    def _leave_scope(self) -> None:
+        """Move every process of the delegated scope into its leaf, then enable the
+        delegated controllers for the scope's children. Processes that Jupyter starts
+        meanwhile land in the scope too: read again until it is empty."""
+        scope, self._scope = self._scope, None
+        if scope is None:
+            return
+        leaf = os.path.join(scope, LEAF)
+        try:
+            os.mkdir(leaf)
+        except FileExistsError:
+            pass
+        for _ in range(20):
+            pids = procs(scope)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    write(os.path.join(leaf, "cgroup.procs"), str(pid))
+                except ProcessLookupError:
+                    pass  # it ended meanwhile
+                except OSError as err:
+                    raise OSError(err.errno, f"cannot move process {pid} out of the delegated "
+                                  f"scope {scope} into {leaf} ({err.strerror}): v2 allows "
+                                  "controllers for its children only once it holds no "
+                                  "process") from None
+        self._enable(scope)
+
+    def _enable_down_to(self, base: str) -> None:
+        """As root: enable the controllers in every cgroup from the root down to ``base``,
+        where the parent has them (runc does the same); a parent that refuses is left."""
+        root = self.mount.mountpoint.rstrip("/") or "/" if self.mount else "/"
+        path, chain = base, []
+        while len(path) > len(root):
+            path = os.path.dirname(path)
+            chain.append(path)
+        for d in reversed(chain):
+            try:
+                self._enable(d)
+            except OSError:
+                return
+
     def _enable(self, directory: str) -> None:
         want = [c for c in self._usable
                 if c in _controllers(os.path.join(directory, "cgroup.controllers"))]
@@ -131,8 +218,13 @@ class V2Backend(Backend):
         if not self._base:
             m = self.missing(MEMORY)
             raise OSError(13, m.reason)
+        if self._scope:
+            self._leave_scope()
+        elif os.geteuid() == 0:
+            self._enable_down_to(self._base)
         top = os.path.join(self._base, TOP)
         sess = os.path.join(top, self.session)
+        self._enable(self._base)
         self._ensure(top)
         self._ensure(sess)
         path = os.path.join(sess, container)
