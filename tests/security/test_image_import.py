@@ -386,3 +386,35 @@ def test_oci_directory_blob_linked_outside_is_refused(store, tmp_path, host):
     with pytest.raises(images.ImageError, match="outside"):
         images.import_path(layout, "linked")
     assert images.Store().names() == []
+
+
+# ---------------------------------------------------------------------------------------
+# a container's layer changes while it is copied (a commit of a running container)
+
+def test_a_directory_swapped_for_a_symlink_while_walked_lists_nothing_of_the_host(tmp_path, host):
+    src = tmp_path / "upper"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "mine").write_text("mine\n")
+    seen = []
+    for rel, _, _ in layers.walk(str(src)):
+        seen.append(rel)
+        if rel == "a":  # listed as a directory; the container swaps it before it is entered
+            os.rename(src / "a", src / "a.old")
+            os.symlink(host, src / "a")
+    assert seen == ["a"]
+
+
+def test_a_file_reached_through_a_swapped_directory_is_not_copied(tmp_path, host):
+    src, dst = tmp_path / "upper", tmp_path / "copy"
+    (src / "b").mkdir(parents=True)
+    (src / "b" / "secret").write_text("mine\n")
+    dst.mkdir()
+
+    def swap(rel: str, st: os.stat_result) -> bool:
+        if rel == "b/secret":  # listed in the real b; the path now leads to the host's file
+            os.rename(src / "b", src / "b.old")
+            os.symlink(host, src / "b")
+        return False
+    with pytest.raises(images.LayerError, match="changed while it was being copied"):
+        layers.copy_tree(str(src), str(dst), skip=swap)
+    assert not (dst / "b" / "secret").exists() or (dst / "b" / "secret").read_text() == "mine\n"
