@@ -69,7 +69,7 @@ class Tree:
             is_dir = stat.S_ISDIR(st.st_mode)
             if is_dir and existing is not None and existing.is_dir:
                 if L.is_opaque(full):  # hides everything below: what it lacks is deleted
-                    present = set(os.listdir(full))
+                    present = set(L.list_dir(full, st))  # a live layer: never a link
                     for child in sorted(existing.children):
                         if child not in present:
                             del existing.children[child]

@@ -245,6 +245,24 @@ def walk(root: str, skip_mount_points: bool = False) -> Iterator[Tuple[str, str,
             stack.append(entries(item[0], item[1], item[2]))
 
 
+def list_dir(path: str, st: os.stat_result) -> List[str]:
+    """The names in directory ``path`` if it still is the inode ``st`` (as ``walk``
+    yielded it), reached without following it; else none."""
+    try:
+        fd = os.open(path, DIR_FLAGS)
+    except OSError as err:
+        if err.errno in NOT_A_DIR:
+            return []
+        raise
+    try:
+        got = os.fstat(fd)
+        if (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino):
+            return []
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
 def _empty_dir(path: str) -> bool:
     try:
         return not os.listdir(path)

@@ -377,12 +377,37 @@ def test_honest_image_with_absolute_symlinks_runs(store, tmp_path, no_leaks):
 # ---------------------------------------------------------------------------------------
 # the image's own files (an OCI layout directory) are read without following links out
 
-def test_oci_directory_blob_linked_outside_is_refused(store, tmp_path, host):
+@pytest.mark.parametrize("how", ["relative", "absolute", "via-dir"])
+def test_oci_directory_blob_linked_inside_is_read(store, tmp_path, how):
+    """docker save and some copy tools link repeated blobs to one copy: that stays fine."""
+    layout = oci_dir(str(tmp_path / "layout"), [[F("ok", "linked\n")]])
+    index = json.load(open(os.path.join(layout, "index.json")))
+    manifest = index["manifests"][0]["digest"].split(":")[1]
+    blob = os.path.join(layout, "blobs", "sha256", manifest)
+    os.makedirs(os.path.join(layout, "shared", "sub"))
+    os.replace(blob, os.path.join(layout, "shared", "sub", "m"))
+    target = {"relative": "../../shared/sub/m",
+              "absolute": os.path.join(os.path.realpath(layout), "shared", "sub", "m"),
+              "via-dir": "../../s/m"}[how]
+    if how == "via-dir":
+        os.symlink("shared/sub", os.path.join(layout, "s"))
+    os.symlink(target, blob)
+    image = images.import_path(layout, "linked")
+    assert open(os.path.join(store.diff_dir(image.layers[0]), "ok")).read() == "linked\n"
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "via-dir"])
+def test_oci_directory_blob_linked_outside_is_refused(store, tmp_path, host, how):
     layout = oci_dir(str(tmp_path / "layout"), [[F("ok")]])
     index = json.load(open(os.path.join(layout, "index.json")))
     manifest = index["manifests"][0]["digest"].split(":")[1]
     os.replace(os.path.join(layout, "blobs", "sha256", manifest), os.path.join(host, "manifest"))
-    os.symlink(os.path.join(host, "manifest"), os.path.join(layout, "blobs", "sha256", manifest))
+    target = {"absolute": os.path.join(host, "manifest"),
+              "dotdot": os.path.relpath(os.path.join(host, "manifest"), os.path.join(layout, "blobs", "sha256")),
+              "via-dir": "../../h/manifest"}[how]
+    if how == "via-dir":
+        os.symlink(host, os.path.join(layout, "h"))
+    os.symlink(target, os.path.join(layout, "blobs", "sha256", manifest))
     with pytest.raises(images.ImageError, match="outside"):
         images.import_path(layout, "linked")
     assert images.Store().names() == []
