@@ -493,6 +493,8 @@ def copy_tree(src: str, dst: str, skip: Callable[[str, os.stat_result], bool] = 
 def describe_left_out(source: str, entries: List[str]) -> str:
     """One line saying which device nodes an import or commit left out, and why."""
     shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+    # names come from the image: no newline or terminal escape of theirs gets printed
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in shown)
     return (f"pynsbook: {source}: left out {len(entries)} device node(s): {shown} "
             "(an image brings no device nodes: a container gets its own /dev)")
 

@@ -301,6 +301,7 @@ def test_whiteout_under_a_linked_directory_deletes_nothing_on_the_host(store, tm
 def test_device_nodes_are_left_out_in_one_line(store, tmp_path, capfd):
     entries = [D("dev/"), DEV("dev/sda", tarfile.BLKTYPE, 8, 0), DEV("dev/mem", tarfile.CHRTYPE, 1, 1),
                DEV("dev/gone", tarfile.CHRTYPE, 0, 0),  # an overlay-style whiteout: kept
+               DEV("dev/tty\n1", tarfile.CHRTYPE, 4, 1),  # a name that would start a line
                FIFO("dev/fifo"), F("dev/file", "kept")]
     image = images.import_path(docker_tar(str(tmp_path / "dev.tar"), [[F("base")], entries]), "dev")
     err = capfd.readouterr().err
@@ -312,6 +313,7 @@ def test_device_nodes_are_left_out_in_one_line(store, tmp_path, capfd):
     assert stat.S_ISFIFO(fifo.st_mode) and stat.S_IMODE(fifo.st_mode) == 0o620
     lines = [line for line in err.splitlines() if "dev/sda" in line]
     assert len(lines) == 1 and "dev/mem" in lines[0] and "device" in lines[0], err
+    assert "dev/tty\\n1" in lines[0] and not any(line.startswith("1") for line in err.splitlines())
     assert "dev/fifo" not in err and "dev/gone" not in err
 
 
