@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import stat
-import sys
 import time
 
 # x86_64 system call numbers
@@ -436,7 +435,8 @@ def a_raise_memory(p):
     out["mount"] = err
     if err == 0:
         for name in ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes"):
-            out["writes"][f"(fresh mount)/{name}"] = {"errno": _write(os.path.join(target, name), big)}
+            err = _write(os.path.join(target, name), big)
+            out["writes"][f"(fresh mount)/{name}"] = {"errno": err}
         _undo_mount(target)
     out["overflowuid"] = overflow_uid()
     print("PROBE " + json.dumps(out), flush=True)
@@ -455,7 +455,8 @@ def a_raise_pids(p):
     err = sc("mount", b"cgroup", target.encode(), b"cgroup", 0, b"pids")
     out["mount"] = err
     if err == 0:
-        out["writes"]["(fresh mount)/pids.max"] = {"errno": _write(os.path.join(target, "pids.max"), b"max")}
+        err = _write(os.path.join(target, "pids.max"), b"max")
+        out["writes"]["(fresh mount)/pids.max"] = {"errno": err}
         _undo_mount(target)
     out["overflowuid"] = overflow_uid()
     print("PROBE " + json.dumps(out), flush=True)  # in case the forks end the run
@@ -481,7 +482,13 @@ def a_raise_pids(p):
 def a_host_process(p):
     """Look for a host process (by a marker in its command line), signal it, trace it."""
     hostpid = p["hostpid"]
-    return {"seen": with_argument(p["marker"]),
+    own = None  # the test's own process, by its host pid and command line
+    try:
+        with open(f"/proc/{p['ownpid']}/cmdline", "rb") as f:
+            own = f.read().decode(errors="replace")
+    except (OSError, KeyError):
+        pass
+    return {"seen": with_argument(p["marker"]), "own_visible": own == p.get("owncmd"),
             "visible": os.path.exists(f"/proc/{hostpid}"),
             "kill0": os_errno(os.kill, hostpid, 0)[0],
             "kill": os_errno(os.kill, hostpid, signal.SIGKILL)[0],

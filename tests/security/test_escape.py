@@ -23,7 +23,6 @@ import errno
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -32,6 +31,9 @@ import pytest
 
 from tests import helpers
 from tests.security import probe
+
+#: every attempt leaves nothing behind: no process, cgroup or mount of ours on the host
+pytestmark = pytest.mark.usefixtures("no_leaks")
 
 #: Docker's default capabilities (CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID
 #: SETPCAP NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP) as a mask
@@ -79,8 +81,17 @@ def host_marker() -> Tuple[int, str]:
     return proc.pid, token
 
 
+def host_process_params() -> Dict[str, Any]:
+    pid, token = host_marker()
+    with open("/proc/self/cmdline", "rb") as f:
+        owncmd = f.read().decode(errors="replace")
+    return {"hostpid": pid, "marker": token, "ownpid": os.getpid(), "owncmd": owncmd}
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _stop_marker():
+def _marker():
+    """Started before any test (whose leak check would count it), stopped after all."""
+    host_marker()
     yield
     for proc, _ in _MARKER:
         proc.kill()
@@ -137,14 +148,13 @@ SLEEPERS = {
 
 def default_cases() -> List[Tuple[str, Optional[Dict[str, Any]]]]:
     """Every (attempt, params) the default-options tests make, for the rootless batch."""
-    pid, token = host_marker()
     cases: List[Tuple[str, Optional[Dict[str, Any]]]] = []
     cases += [("syscall", {"call": c}) for c in probe.TRY_SYSCALLS]
     cases += [("mount_tmpfs", {}), ("mount_block", host_disk()), ("status", {}), ("dev", {}),
               ("tiocsti", {}), ("cgroup_files", {}), ("init_reach", {}),
               ("remount_rw", {"paths": REMOUNT_PATHS}),
               ("read", {"path": "/proc/kmsg", "only_if_null": True}),
-              ("host_process", {"hostpid": pid, "marker": token})]
+              ("host_process", host_process_params())]
     cases += [("mknod_open", make()) for make in DEVICES.values()]
     cases += [("open_write", {"path": p}) for p in PROC_WRITES]
     cases += [("read", {"path": p}) for p in MASKED]
@@ -434,10 +444,9 @@ def test_host_processes_are_invisible_and_cannot_be_signalled_or_traced(lane):
     """A host process (a marker `sleep` started by the test): not in the container's
     /proc, kill(its host pid) gives ESRCH (no such process in the container's pid
     namespace), ptrace gives EPERM (the filter refuses ptrace before any lookup); and it
-    is alive afterwards."""
-    pid, token = host_marker()
-    out = attempt(lane, "host_process", {"hostpid": pid, "marker": token})
-    assert out["seen"] == [], out
+    is alive afterwards. The test's own process is not in the container's /proc either."""
+    out = attempt(lane, "host_process", host_process_params())
+    assert out["seen"] == [] and not out["own_visible"], out
     assert (out["kill0"], out["kill"], out["ptrace"]) == (errno.ESRCH, errno.ESRCH,
                                                           errno.EPERM), out
     assert _MARKER[0][0].poll() is None, "the host's marker process was killed"
@@ -651,7 +660,8 @@ print("KEYRING", libc.syscall(ctypes.c_long(250), ctypes.c_long(0), ctypes.c_lon
 
 
 @pytest.mark.needs("root")
-@pytest.mark.parametrize("options", [{"security_opt": ["seccomp=unconfined"]}, {"privileged": True}],
+@pytest.mark.parametrize("options",
+                         [{"security_opt": ["seccomp=unconfined"]}, {"privileged": True}],
                          ids=["seccomp-unconfined", "privileged"])
 def test_the_container_has_a_session_keyring_of_its_own(options):
     """Where keyctl is allowed, the session keyring the container sees is not the one of
