@@ -277,6 +277,18 @@ def a_mount_tmpfs(p):
     return {"errno": err}
 
 
+def _can_create(d):
+    """Whether a plain file can be made in ``d`` (access(2) is not enough: an overlay also
+    checks the layer below with the credentials of whoever mounted it)."""
+    path = os.path.join(d, f"pynsbook-escape-file-{os.getpid()}")
+    err, fd = os_errno(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if fd is None:
+        return False
+    os.close(fd)
+    os.unlink(path)
+    return True
+
+
 def _make_nodes(p, name):
     """mknod the host's device in every writable directory we can find:
     [{dir, mknod errno, path (made), nodev}]"""
@@ -287,7 +299,7 @@ def _make_nodes(p, name):
             continue
         vfs = os.statvfs(d)
         item = {"dir": d, "nodev": bool(vfs.f_flag & os.ST_NODEV),
-                "rdonly": bool(vfs.f_flag & os.ST_RDONLY) or not os.access(d, os.W_OK)}
+                "rdonly": bool(vfs.f_flag & os.ST_RDONLY) or not _can_create(d)}
         if item["rdonly"]:
             out.append(item)  # not writable by us: nothing can be made here
             continue
