@@ -409,7 +409,10 @@ def test_the_containers_cgroup_files_are_read_only(lane):
 
 LIMIT_LANES = [pytest.param("root", marks=pytest.mark.needs("root", "cgroups"), id="root"),
                pytest.param("root-no-userns", marks=pytest.mark.needs("root", "cgroups"),
-                            id="root-no-userns")]
+                            id="root-no-userns"),
+               # an ordinary user can have limits only in a delegated cgroup-v2 scope
+               pytest.param("rootless", marks=pytest.mark.needs(
+                   "rootless_user", "userns", "cgroups", "delegated_scope"), id="rootless")]
 
 
 def _assert_writes_refused(out: Dict[str, Any]) -> None:
@@ -638,10 +641,12 @@ def test_privileged_has_every_capability_and_no_filter_and_sees_the_masked_paths
     assert out["Seccomp"] == "0" and out["NoNewPrivs"] == "0", out
     assert int(out["CapEff"], 16) == int(out["CapBnd"], 16), out
     assert int(out["CapEff"], 16) & CAP_SYS_ADMIN, out
-    timer_list = probe.run_attempt("read", {"path": "/proc/timer_list"}, privileged=True)
-    assert timer_list["errno"] == 0 and timer_list["size"] > 0, timer_list
-    firmware = probe.run_attempt("read", {"path": "/sys/firmware"}, privileged=True)
-    assert sorted(firmware["entries"]) == sorted(os.listdir("/sys/firmware"))[:20], firmware
+    if os.path.exists("/proc/timer_list"):
+        timer_list = probe.run_attempt("read", {"path": "/proc/timer_list"}, privileged=True)
+        assert timer_list["errno"] == 0 and timer_list["size"] > 0, timer_list
+    if os.path.isdir("/sys/firmware") and os.listdir("/sys/firmware"):
+        firmware = probe.run_attempt("read", {"path": "/sys/firmware"}, privileged=True)
+        assert firmware["entries"], firmware
 
 
 def _session_keyring() -> int:
