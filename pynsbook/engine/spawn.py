@@ -4,6 +4,13 @@
 
 Both give the client the same handle: ``pid``, ``wait(timeout)``, ``kill()``,
 ``stderr_text()`` and ``close()``.
+
+The launcher itself is a new interpreter (``python -m pynsbook.engine.launcher``), started
+before the first container is planned (:func:`prepare`: it measures the host probe the plan
+needs), or, for the ``pynsbook`` command only, a fork of the command made while it is still
+single-threaded (:func:`prestart`). It ends once its client has closed the connection
+(shut down first: a reader thread's pending recv would keep a bare close from ending it)
+and every container it spawned is over; the client waits for that at exit.
 """
 from __future__ import annotations
 
