@@ -129,3 +129,23 @@ def test_a_spare_worker_is_confined_before_it_runs_a_named_containers_code():
     name, st = r.stdout.split(" ", 1)
     assert name == "conf-named"
     assert eval(st)["Seccomp"] == "2"
+
+
+@CONTAINER
+def test_ptrace_works_on_the_containers_own_processes_and_not_on_its_init():
+    # as Docker's default profile on kernels >= 4.8: strace and gdb work inside
+    code = """import ctypes, os, signal, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+child = os.fork()
+if child == 0:
+    time.sleep(5)
+    os._exit(0)
+ok = libc.ptrace(16, child, None, None)  # PTRACE_ATTACH
+os.waitpid(child, 0)
+libc.ptrace(17, child, None, None)  # PTRACE_DETACH
+os.kill(child, signal.SIGKILL)
+init = libc.ptrace(16, 1, None, None)
+print(ok, init, ctypes.get_errno())"""
+    r = pynsbook.run(code)
+    assert r.stdout.split() == ["0", "-1", str(errno.EPERM)], (r.stdout, r.stderr)

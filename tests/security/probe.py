@@ -191,6 +191,15 @@ def _clone_ns():
     return in_child(child).get("errno", -1)
 
 
+def _process_vm(call):
+    if os.getpid() == 1:
+        return errno.EINVAL
+    buf = ctypes.create_string_buffer(8)
+    local = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 8)  # struct iovec {base, len}
+    remote = (ctypes.c_void_p * 2)(None, 8)
+    return sc(call, 1, ctypes.addressof(local), 1, ctypes.addressof(remote), 1, 0)
+
+
 def _personality():
     # ADDR_NO_RANDOMIZE (turning address-space randomisation off), in a child; allowed
     # -> the old persona (>= 0)
@@ -248,9 +257,10 @@ TRY_SYSCALLS = {
     "acct": lambda: sc("acct", BAD_PTR),
     # quotactl(Q_GETINFO) on an unreadable device path: allowed -> EFAULT
     "quotactl": lambda: sc("quotactl", 0x800005, BAD_PTR, 0, None),
-    # another process's memory, from unreadable iovecs: allowed -> EFAULT
-    "process_vm_readv": lambda: sc("process_vm_readv", 1, None, 1, None, 1, 0),
-    "process_vm_writev": lambda: sc("process_vm_writev", 1, None, 1, None, 1, 0),
+    # the init's memory (it holds more capabilities than we do): the filter allows these,
+    # as Docker's does, and the kernel refuses (EPERM); where it may read it, NULL: EFAULT
+    "process_vm_readv": lambda: _process_vm("process_vm_readv"),
+    "process_vm_writev": lambda: _process_vm("process_vm_writev"),
     "ptrace_attach_init": _ptrace_attach_init,
     # port I/O: iopl(4) and ioperm of no ports: allowed -> EINVAL
     "iopl": lambda: sc("iopl", 4),
@@ -504,7 +514,7 @@ def a_host_process(p):
             "visible": os.path.exists(f"/proc/{hostpid}"),
             "kill0": os_errno(os.kill, hostpid, 0)[0],
             "kill": os_errno(os.kill, hostpid, signal.SIGKILL)[0],
-            # refused by the filter before the pid is even looked up
+            # the filter allows ptrace; the pid namespace has no such process
             "ptrace": sc("ptrace", 0x4206, hostpid, 0, 0)}  # PTRACE_SEIZE: stops nothing
 
 
