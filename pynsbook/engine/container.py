@@ -587,14 +587,14 @@ class Container:
         msg: Dict[str, Any] = {"op": "exec", "env": self._env(env), "workdir_asked": bool(asked),
                                "workdir": asked or (os.getcwd() if self.lowers is None and
                                                     self.copy_root is None else "/")}
-        fb = self.plan.fallback_limits
-        if "pids" in fb:
-            msg["rlimits"] = {"nproc": fb["pids"]}
         if self._confine_msg is None and not self.confinement.privileged:
             self._confine_msg = self.confinement.to_msg()
             if "seccomp" in self.plan.dropped:
                 self._confine_msg["seccomp"] = False
         msg["confine"] = self._confine_msg
+        fb = self.plan.fallback_limits
+        if "pids" in fb:
+            msg["rlimits"] = {"nproc": fb["pids"]}
         if "cpuset" in fb:
             msg["cpus_affinity"] = _cpu_list(fb["cpuset"])
         return msg
