@@ -228,3 +228,32 @@ def test_init_forwards_a_signal_from_the_host_to_the_containers_processes():
         os.kill(c.init_pid, signal.SIGUSR1)  # as `kill -USR1 <init>` from the host would
         t.join(30)
         assert got and got[0].exit_code == 7 and "got USR1" in got[0].stdout
+
+
+
+def test_a_start_waits_for_both_the_init_pid_and_ready_in_either_order(monkeypatch):
+    """The shim names its init and the init says "ready" on one socket, from two processes:
+    an init with nothing to build (no namespaces) may speak first. The start must wait for
+    both; it once went on with no init pid, and every run of it failed (5% under load)."""
+    from pynsbook.engine import container as engine, protocol, spawn
+
+    class Quick:  # a shim whose init spoke before it did
+        launcher = None
+        pid = os.getpid()
+
+        def poll(self):
+            return None
+
+    def start_shim(cfg, child):
+        protocol.send(child, {"event": "ready"})
+        protocol.send(child, {"event": "init", "pid": os.getpid()})
+        return Quick()
+
+    monkeypatch.setattr(spawn, "start_shim", start_shim)
+    c = engine.Container(namespaces="none")
+    c.plan = engine.make_plan(c.spec)
+    c._launch(c.plan)
+    try:
+        assert c.init_pid == os.getpid()
+    finally:
+        c._sock.close()

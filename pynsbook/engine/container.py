@@ -326,7 +326,10 @@ class Container:
         self._sock = client
         if isinstance(self._shim, spawn.PopenShim):
             protocol.send(client, cfg)  # the slow path reads its configuration first
-        while True:
+        ready = False
+        # the shim names its init ("init") and the init says "ready", on one socket from
+        # two processes: a quick init (no namespaces to make) may speak first. Both count.
+        while not (ready and self.init_pid is not None):
             msg, fds = protocol.recv(client)
             for fd in fds:
                 os.close(fd)
@@ -343,7 +346,7 @@ class Container:
             elif event == "error":
                 raise error_from_dict(msg["error"])
             elif event == "ready":
-                break
+                ready = True
 
     def _died_early(self) -> PynsbookError:
         assert self._shim is not None

@@ -155,14 +155,17 @@ def run_entrant(sock: socket.socket, req: Dict[str, Any], fds: List[int]) -> Non
         entrant = Entrant(sock, str(req["msg"]["id"]))
         try:
             entrant.start(req["cfg"], req["msg"], fds)
-        except (OSError, ContainerError) as err:
+        except Exception as err:  # whatever it is, the client hears of it
             if isinstance(err, ContainerError):
                 payload = err.to_dict()
             elif isinstance(err, (ProcessLookupError, FileNotFoundError)):
                 payload = ContainerStateError("the container has ended").to_dict()
-            else:
+            elif isinstance(err, OSError):
                 payload = ContainerError(f"could not run in the container: {err.strerror or err}",
                                          err.errno).to_dict()
+            else:  # a bug of ours: say what it was rather than vanish
+                payload = ContainerError(f"could not run in the container: "
+                                         f"{type(err).__name__}: {err}").to_dict()
             protocol.send(sock, {"event": "error", "id": req["msg"]["id"], "error": payload})
             status = 125
             return
