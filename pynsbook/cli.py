@@ -96,9 +96,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # beside ours instead of a new interpreter's start-up after them
     from .engine import spawn
     spawn.prestart(fork=True)
-    from .engine.container import Container
+    from .engine.container import Container, Passthrough
 
-    on_out, on_err = echo(sys.stdout), echo(sys.stderr)
+    # the command's output goes out byte for byte (binary too), and is not kept in memory
+    on_out = Passthrough(1) if sys.stdout is not None else None
+    on_err = Passthrough(2) if sys.stderr is not None else None
 
     # SIGTERM to us stops the container the way Ctrl-C does: INT, TERM, then KILL
     signal.signal(signal.SIGTERM, _interrupt)

@@ -75,3 +75,16 @@ def test_doctor_text_is_readable():
     r = cli("doctor")
     assert r.returncode == 0
     assert "cgroups:" in r.stdout and "namespaces:" in r.stdout
+
+
+@CONTAINER
+def test_run_passes_binary_output_through_byte_for_byte():
+    data = bytes(range(256)) * 64 + b"\xff\xfe not utf-8 \x00"
+    env = dict(os.environ, PYTHONPATH=helpers.REPO)
+    # what the container writes comes out exactly (decoding would replace the bytes that
+    # are not UTF-8)
+    code = f"import sys; sys.stdout.buffer.write({data!r})"
+    r = subprocess.run([sys.executable, "-m", "pynsbook", "run", "--", sys.executable, "-c", code],
+                       capture_output=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == data

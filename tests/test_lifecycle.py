@@ -257,3 +257,20 @@ def test_a_start_waits_for_both_the_init_pid_and_ready_in_either_order(monkeypat
         assert c.init_pid == os.getpid()
     finally:
         c._sock.close()
+
+
+@CONTAINER
+def test_a_huge_output_is_streamed_whole_but_kept_only_in_part():
+    """100 MB printed: the callback sees all of it, the result keeps the first 32 Mi
+    characters and says so, and the client does not hold the rest."""
+    from pynsbook.engine.container import KEEP_CHARS
+    seen = [0]
+
+    def count(text):
+        seen[0] += len(text)
+
+    r = pynsbook.run(["sh", "-c", "head -c 100000000 /dev/zero | tr '\\\\0' x"], on_stdout=count)
+    assert r.exit_code == 0, r.stderr
+    assert seen[0] == 100_000_000
+    assert KEEP_CHARS <= len(r.stdout) < KEEP_CHARS + 200_000
+    assert r.stdout.rstrip().endswith("a result keeps the first 32 Mi]")

@@ -8,6 +8,7 @@ import codecs
 import functools
 import itertools
 import os
+import select
 import selectors
 import signal
 import socket
@@ -34,6 +35,32 @@ if TYPE_CHECKING:
 
 
 Callback = Callable[[str], None]
+#: how much of each output stream a RunResult keeps (the callbacks see all of it): a cell
+#: that prints gigabytes must not take the notebook's kernel down with it
+KEEP_CHARS = 32 << 20
+
+
+class Passthrough:
+    """An output callback that is a file descriptor: the container's bytes go to it as they
+    are, not decoded and not kept in the result (``pynsbook run``: binary output survives,
+    and a large output costs no memory)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.broken = False  # the reader went away (``| head``): the rest is drained
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self.broken:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BrokenPipeError:
+                self.broken = True
+            except BlockingIOError:
+                select.select([], [self.fd], [])
+
+    def __call__(self, text: str) -> None:
+        self.write(text.encode("utf-8", "surrogateescape"))
 _REGISTRY: "Dict[str, Container]" = {}
 _REGISTRY_LOCK = threading.Lock()
 _reaped = False
@@ -809,6 +836,9 @@ class Container:
                     err_r: codecs.getincrementaldecoder("utf-8")("replace")}
         chunks: Dict[int, List[str]] = {out_r: [], err_r: []}
         callbacks = {out_r: on_stdout, err_r: on_stderr}
+        raw = {fd: cb for fd, cb in callbacks.items() if isinstance(cb, Passthrough)}
+        kept = {out_r: 0, err_r: 0}
+        dropped = {out_r: 0, err_r: 0}
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
             sel.register(fd, selectors.EVENT_READ)
@@ -841,9 +871,16 @@ class Container:
                     if not data:
                         sel.unregister(key.fd)
                         continue
+                    if key.fd in raw:
+                        raw[key.fd].write(data)
+                        continue
                     text = decoders[key.fd].decode(data)
                     if text:
-                        chunks[key.fd].append(text)
+                        if kept[key.fd] < KEEP_CHARS:
+                            chunks[key.fd].append(text)
+                            kept[key.fd] += len(text)
+                        else:
+                            dropped[key.fd] += len(text)
                         cb = callbacks[key.fd]
                         if cb:
                             cb(text)
@@ -856,6 +893,9 @@ class Container:
                 tail = dec.decode(b"", final=True)
                 if tail:
                     chunks[fd].append(tail)
+                if dropped[fd]:
+                    chunks[fd].append(f"\n[pynsbook: {dropped[fd]} more characters were streamed "
+                                      f"but not kept: a result keeps the first {KEEP_CHARS >> 20} Mi]\n")
             result.stdout = "".join(chunks[out_r])
             result.stderr = "".join(chunks[err_r])
 
