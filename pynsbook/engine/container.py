@@ -815,8 +815,10 @@ class Container:
             if job.code is None and (self._dead.is_set() or not self.running):
                 raise self._died_early()  # the init is gone: the container is broken, not the code
             if job.code is None:  # what followed the run ended (the launcher was killed?)
-                raise ContainerError("pynsbook lost track of this run: the process that waited "
-                                     "for it ended; the container still runs")
+                why = ("pynsbook's launcher process ended during it" if spawn.launcher_lost()
+                       else "the pynsbook process that waited for it ended")
+                raise ContainerError(f"pynsbook lost track of this run: {why}; its result is "
+                                     f"lost, and the container {self.name!r} still runs")
             result.exit_code = job.code
             result.signal = job.signal
             self._account(result, job, before, sampler)

@@ -431,6 +431,11 @@ def start_entrant(req: Dict[str, Any], ours: socket.socket, theirs: socket.socke
     return popen
 
 
+def launcher_lost() -> bool:
+    """Whether this process's launcher ended without being asked to (killed)."""
+    return _launcher is not None and not _launcher.alive
+
+
 def launcher_pid() -> Optional[int]:
     """The PID of this process's warm launcher, if one runs (it ends when we do)."""
     return _launcher.popen.pid if _launcher is not None and _launcher.alive else None
