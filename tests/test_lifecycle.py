@@ -260,6 +260,7 @@ def test_a_start_waits_for_both_the_init_pid_and_ready_in_either_order(monkeypat
 
 
 @CONTAINER
+@pytest.mark.no_vm  # 100 MB through the pipes: minutes under emulation, and no host matter
 def test_a_huge_output_is_streamed_whole_but_kept_only_in_part():
     """100 MB printed: the callback sees all of it, the result keeps the first 32 Mi
     characters and says so, and the client does not hold the rest."""
