@@ -157,11 +157,13 @@ def uninstall(name: str = DEFAULT_NAME, prefix: Optional[str] = None) -> str:
 # running a kernel in a cgroup
 
 def launch(spec: spec_mod.Spec, command: List[str]) -> int:
-    """Run ``command`` (the kernel) in a container that has only a cgroup."""
+    """Run ``command`` (the kernel) in a container that has only a cgroup: no namespaces,
+    and not confined (privileged), for it is the user's own kernel, which makes containers."""
     from .engine.container import Container
     if not command:
         raise PynsbookError("kernel launch needs the kernel's command after --")
-    spec = spec_mod.make_spec({"namespaces": "none", "net": "host"}, base=spec)
+    spec = spec_mod.make_spec({"namespaces": "none", "net": "host", "privileged": True},
+                              base=spec)
     started: Dict[str, Any] = {}
 
     def forward(signum: int, frame: Any) -> None:
