@@ -57,12 +57,26 @@ def _leftovers_now(mounts_before: List[str]) -> List[str]:
     out: List[str] = []
     launcher = spawn.launcher_pid()
     if launcher:
-        out += [f"process {p.pid} ({' '.join(p.cmdline())[:60]})"
-                for p in psutil.Process(launcher).children(recursive=True)
-                if p.pid not in spare_pids]
+        try:
+            children = psutil.Process(launcher).children(recursive=True)
+        except psutil.Error:
+            children = []  # the launcher itself has just left
+        out += [f"process {p.pid} ({_command(p)})" for p in children if p.pid not in spare_pids]
     out += [f"cgroup {d}" for d in cgroups.backend().session_dirs() if d not in spare_dirs]
     out += [f"mount {m}" for m in sorted(set(mount_keys()) - set(mounts_before))]
     return out
+
+
+def _command(p: "psutil.Process") -> str:
+    """A process's command line, for a report; one that ended meanwhile says so (a zombie
+    its parent has not reaped yet has none)."""
+    import psutil
+    try:
+        return " ".join(p.cmdline())[:60]
+    except psutil.ZombieProcess:
+        return "ended, not yet reaped"
+    except psutil.Error:
+        return "gone"
 
 
 def run_churn(n: int = 500, kinds: Optional[str] = None, show_progress: bool = True) -> BenchRun:
