@@ -4,11 +4,12 @@ setns on Python < 3.12). Every call raises ``OSError(errno, "name(args) failed: 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+
 import os
 from typing import Optional
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the C library this interpreter already runs on (find_library would run ldconfig: ~4 ms)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 # <linux/sched.h>
 CLONE_NEWTIME = 0x00000080

@@ -67,18 +67,26 @@ PR_SET_SECCOMP = 22
 
 
 _AVAILABLE: List[Tuple[bool, str]] = []
+_FIX = "install it with: apt-get install libseccomp2 && pip install pyseccomp"
 
 
 def available() -> Tuple[bool, str]:
-    """(usable, why not): libseccomp and its binding are there (asked once)."""
+    """(usable, why not): libseccomp and a binding are there (asked once, without loading
+    the binding: a client that only plans a container need not pay for it)."""
     if not _AVAILABLE:
-        try:
-            _module()
-            _AVAILABLE.append((True, ""))
-        except (ImportError, OSError, AttributeError) as err:
-            _AVAILABLE.append((False, f"libseccomp cannot be loaded ({err}); install it with: "
-                               "apt-get install libseccomp2 && pip install pyseccomp"))
+        import importlib.util
+        if not any(importlib.util.find_spec(m) for m in ("seccomp", "pyseccomp")):
+            _AVAILABLE.append((False, f"no Python binding of libseccomp; {_FIX}"))
+        else:
+            try:
+                ctypes.CDLL(_SONAME)
+                _AVAILABLE.append((True, ""))
+            except OSError as err:
+                _AVAILABLE.append((False, f"libseccomp cannot be loaded ({err}); {_FIX}"))
     return _AVAILABLE[0]
+
+
+_SONAME = "libseccomp.so.2"
 
 
 def _module() -> Any:
@@ -86,8 +94,18 @@ def _module() -> Any:
         import seccomp  # libseccomp's own binding, where Debian's python3-seccomp is seen
         return seccomp
     except ImportError:
-        import pyseccomp  # the same API through ctypes, from the package index
-        return pyseccomp
+        pass
+    # pyseccomp (the same API through ctypes) looks its libraries up with find_library,
+    # which runs ldconfig each time (~4 ms); the dynamic loader finds them by soname itself
+    import ctypes.util
+    real = ctypes.util.find_library
+    known = {"c": "libc.so.6", "seccomp": _SONAME}
+    ctypes.util.find_library = lambda name: known.get(name) or real(name)
+    try:
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = real
+    return pyseccomp
 
 
 def _refuse_all(flt: Any, sc: Any, names: Iterable[str], action: int) -> None:
