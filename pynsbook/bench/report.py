@@ -89,34 +89,9 @@ def render_html(runs: List[BenchRun], images: Dict[str, bytes]) -> str:
             b64 = base64.b64encode(images[kind]).decode()
             parts.append(f'<img alt="{kind} chart" src="data:image/png;base64,{b64}">')
         if kind == "startup":
-            goals = run.data.get("goals", [])
-            if goals:
-                parts.append("<h3>Issue 7 goals (same run)</h3><ul>")
-                for g in goals:
-                    if g.get("ratio") is None:
-                        parts.append(f"<li>{html.escape(g['subject'])} / {html.escape(g['reference'])}: "
-                                     f"not measured — {html.escape(str(g.get('why')))}</li>")
-                    else:
-                        cls = "met" if g["met"] else "notmet"
-                        parts.append(f"<li class={cls}>{html.escape(g['subject'])} / "
-                                     f"{html.escape(g['reference'])} = {fmt_time(g['ours_s'])} / "
-                                     f"{fmt_time(g['reference_s'])} = <b>{g['ratio']:.2f}×</b> "
-                                     f"(goal ≤ {g['goal']}×): {'met' if g['met'] else 'not met'}</li>")
-                parts.append("</ul>")
-            command = run.data.get("command_goals", [])
-            if command:
-                parts.append("<h3>Issue 17 goal: the command, process start to exit (same run)</h3><ul>")
-                for g in command:
-                    if g.get("ratio") is None:
-                        parts.append(f"<li>{html.escape(g['subject'])} / {html.escape(g['reference'])}: "
-                                     f"not measured — {html.escape(str(g.get('why')))}</li>")
-                    else:
-                        cls = "met" if g["met"] else "notmet"
-                        parts.append(f"<li class={cls}>{html.escape(g['subject'])} / "
-                                     f"{html.escape(g['reference'])} = {fmt_time(g['ours_s'])} / "
-                                     f"{fmt_time(g['reference_s'])} = <b>{g['ratio']:.2f}×</b> "
-                                     f"(goal ≤ {g['goal']}×): {'met' if g['met'] else 'not met'}</li>")
-                parts.append("</ul>")
+            _goal_list(parts, "Issue 7 goals (same run)", run.data.get("goals", []))
+            _goal_list(parts, "Issue 17 goal: the command, process start to exit (same run)",
+                       run.data.get("command_goals", []))
         if kind == "density":
             from .density import format_density
             parts.append(f"<pre>{html.escape(format_density(run))}</pre>")
@@ -158,3 +133,21 @@ def write_report(runs: List[BenchRun], out_dir: str) -> str:
     path = os.path.join(out_dir, "index.html")
     _write_atomic(path, render_html(runs, images))
     return path
+
+
+def _goal_list(parts: List[str], title: str, goals: List[Dict[str, Any]]) -> None:
+    """Goals measured in a run, as a list: met, not met, or not measured and why."""
+    if not goals:
+        return
+    parts.append(f"<h3>{html.escape(title)}</h3><ul>")
+    for g in goals:
+        if g.get("ratio") is None:
+            parts.append(f"<li>{html.escape(g['subject'])} / {html.escape(g['reference'])}: "
+                         f"not measured — {html.escape(str(g.get('why')))}</li>")
+        else:
+            cls = "met" if g["met"] else "notmet"
+            parts.append(f"<li class={cls}>{html.escape(g['subject'])} / "
+                         f"{html.escape(g['reference'])} = {fmt_time(g['ours_s'])} / "
+                         f"{fmt_time(g['reference_s'])} = <b>{g['ratio']:.2f}×</b> "
+                         f"(goal ≤ {g['goal']}×): {'met' if g['met'] else 'not met'}</li>")
+    parts.append("</ul>")
