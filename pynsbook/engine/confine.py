@@ -23,6 +23,10 @@ from ..linux import caps, libc, seccomp
 from ..spec import Spec
 
 
+#: the init's capabilities once the container is built
+INIT_CAPS = frozenset({"KILL"})
+
+
 @dataclass(frozen=True)
 class Confinement:
     """The confinement of one container's processes, derived from its Spec."""
@@ -55,6 +59,16 @@ class Confinement:
         return f"{capdesc}; {filt}" + ("; no_new_privs" if self.no_new_privs else "") + \
             ("; masked /proc and /sys" if self.mask_paths else "") + \
             ("; read-only root" if self.read_only_root else "")
+
+    def for_init(self) -> Optional[Dict[str, Any]]:
+        """What the container's init keeps once it has built the container: only KILL (to
+        pass host signals on to processes of any uid) under no_new_privs and the default
+        filter. Otherwise a process given SYS_PTRACE could drive the init, which held every
+        capability, into undoing a read-only mount. None when privileged."""
+        if self.privileged:
+            return None
+        return {"caps": sorted(INIT_CAPS), "seccomp": self.seccomp is not None,
+                "profile": None, "no_new_privs": True}
 
     def to_msg(self) -> Dict[str, Any]:
         """What the process that becomes the workload applies (engine/confine.py)."""
@@ -93,9 +107,11 @@ def prepare(cfg: Optional[Dict[str, Any]]) -> None:
 
 
 def warm() -> None:
-    """Compile the default filter once, in the launcher, before anything is forked."""
+    """Compile the default filters (a run's, an init's) once, in the launcher, before
+    anything is forked."""
     try:
         seccomp.compile_bpf(caps.DEFAULT)
+        seccomp.compile_bpf(INIT_CAPS)
     except Exception:
         pass  # no libseccomp: doctor says so, and each run reports it
 

@@ -337,8 +337,15 @@ class Container:
             "uptime": self.spec.uptime,
             "cgroup_mounts": _cgroup_mounts() if "cgroup" in ns else [],
             "mask_paths": self.confinement.mask_paths,
+            "init_confine": self._init_confine(plan),
             "read_only": self.confinement.read_only_root,
         }
+
+    def _init_confine(self, plan: Plan) -> Optional[Dict[str, Any]]:
+        cfg = self.confinement.for_init()
+        if cfg is not None and "seccomp" in plan.dropped:
+            cfg["seccomp"] = False
+        return cfg
 
     def _launch(self, plan: Plan) -> None:
         cfg = self._config(plan)

@@ -57,6 +57,9 @@ def _child(cfg: Dict[str, Any], ns: Dict[str, int], joins: List[int], msg: Dict[
     """In the fork: join, enter, say so on ``inside`` (by closing it), become the run.
     Never returns."""
     try:
+        # until it is confined (workload.py) it holds the entrant's powers inside the
+        # container: not dumpable, so no process there may ptrace it, even with SYS_PTRACE
+        libc.prctl(libc.PR_SET_DUMPABLE, 0)
         for fd in joins:
             os.write(fd, b"0")  # this process has one thread: it moves whole
         for kind in ORDER:

@@ -14,7 +14,7 @@ import socket
 from typing import Any, Dict
 
 from ..linux import libc, netns
-from . import protocol, tiny
+from . import confine, protocol, tiny
 from .shim import _fail
 
 
@@ -87,7 +87,12 @@ def idle(sock: socket.socket) -> None:
 
 def init_main(sock: socket.socket, cfg: Dict[str, Any]) -> None:
     try:
+        confine.prepare(cfg.get("init_confine"))  # on the host's files, before the pivot
         setup(cfg)
+        # built: from here on the init holds no more than the processes it waits for,
+        # and none of them may trace it (the small init says so again after its exec)
+        confine.apply(cfg.get("init_confine"))
+        libc.prctl(libc.PR_SET_DUMPABLE, 0)
     except BaseException as err:  # any failure: report it and leave
         _fail(sock, err)
     program = tiny.load()

@@ -197,6 +197,9 @@ int main(int argc, char **argv)
 	 * give `ps` a name a student can read */
 	if (argc == 3 && !strcmp(argv[1], "init")) {
 		prctl(PR_SET_NAME, "pynsbook-init");
+		/* exec made it dumpable again: no process of the container may trace or read
+		 * the init (it holds the container's lifeline) without SYS_PTRACE */
+		prctl(PR_SET_DUMPABLE, 0);
 		return run_init(atoi(argv[2]));
 	}
 	if (argc >= 3 && !strcmp(argv[1], "shim")) {

@@ -22,6 +22,7 @@ import traceback
 import types
 from typing import Any, Dict, List, Optional
 
+from ..linux import libc
 from . import confine, protocol, values
 
 _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -61,6 +62,7 @@ def _prepare(msg: Dict[str, Any], fds: List[int]) -> None:
     os.environ.clear()
     os.environ.update(msg.get("env") or {})
     confine.apply(msg.get("confine"))  # last: it takes away what the steps above use
+    libc.prctl(libc.PR_SET_DUMPABLE, 1)  # confined now: as traceable as its peers
 
 
 def _chdir(msg: Dict[str, Any]) -> None:
