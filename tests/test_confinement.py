@@ -173,3 +173,23 @@ def test_the_init_keeps_only_kill_under_the_filter_and_cannot_be_traced(options)
         assert seize == "0"  # it may trace the init: which holds less than it does
     else:
         assert (seize, err) == ("-1", str(errno.EPERM))
+
+
+@pytest.mark.parametrize("rule,why", [
+    ({"names": ["mkdir"], "action": "SCMP_ACT_ERRNO",
+      "args": [{"index": 6, "value": 0, "op": "SCMP_CMP_EQ"}]}, "argument index 6"),
+    ({"names": ["rmdir"], "action": "SCMP_ACT_ERRNO",
+      "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_NE"},
+               {"index": 0, "value": 2, "op": "SCMP_CMP_NE"}]}, "once per rule"),
+    ({"names": ["unlink"], "action": "SCMP_ACT_ERRNO", "errnoRet": 99999}, "errnoRet 99999"),
+    ({"names": "chdir", "action": "SCMP_ACT_ERRNO"}, "not a list of system call names"),
+    ({"names": ["chdir"], "action": "SCMP_ACT_KILL_ALL"}, "unknown action"),
+])
+def test_a_profile_rule_that_cannot_apply_as_written_is_refused_not_dropped(tmp_path, rule, why):
+    """A filter silently weaker than its profile fails open: each of these rules used to
+    vanish without a word."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [rule]}))
+    with pytest.raises(OptionError) as info:
+        make_spec(security_opt=f"seccomp={path}", cli=True)
+    assert why in str(info.value) and "\n" not in str(info.value)

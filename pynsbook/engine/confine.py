@@ -38,6 +38,9 @@ class Confinement:
     #: MASKED and READ_ONLY applied (the init does it, when it builds the root)
     mask_paths: bool
     read_only_root: bool
+    #: the profile file's content hash: a spare confined with an older version of the file
+    #: is not adopted (pool.shape compares whole Confinements)
+    profile_digest: Optional[str] = None
 
     @property
     def privileged(self) -> bool:
@@ -92,7 +95,15 @@ def from_spec(spec: Spec) -> Confinement:
         kept |= caps.ALL
     kept |= set(spec.cap_add) - {"ALL"}
     seccomp = None if spec.seccomp == "unconfined" else spec.seccomp
-    return Confinement(frozenset(kept), seccomp, True, True, spec.read_only)
+    digest = None
+    if seccomp not in (None, "default"):
+        import hashlib
+        try:
+            with open(seccomp, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            digest = "unreadable"  # to_msg says why, when the container starts
+    return Confinement(frozenset(kept), seccomp, True, True, spec.read_only, digest)
 
 
 def prepare(cfg: Optional[Dict[str, Any]]) -> None:

@@ -163,7 +163,9 @@ def _action(sc: Any, name: Any, errno_ret: Any, where: str) -> int:
         raise ProfileError(f"{where}: unknown action {name!r} (known: {', '.join(_ACTIONS)})")
     kind = _ACTIONS[name]
     if kind == "ERRNO":
-        return sc.ERRNO(int(errno_ret) if errno_ret is not None else errno.EPERM)
+        if errno_ret is not None and not (isinstance(errno_ret, int) and 0 <= errno_ret <= 4095):
+            raise ProfileError(f"{where}: errnoRet {errno_ret!r} must be a number from 0 to 4095")
+        return sc.ERRNO(errno_ret if errno_ret is not None else errno.EPERM)
     return getattr(sc, kind)
 
 
@@ -185,30 +187,63 @@ def _includes(rule: Dict[str, Any], caps: FrozenSet[str]) -> bool:
 
 def _from_profile(sc: Any, profile: Dict[str, Any], caps: FrozenSet[str]) -> Any:
     """A filter from a Docker-format JSON profile (defaultAction, syscalls[].names/action/
-    args, includes/excludes by capability)."""
+    args, includes/excludes by capability). A rule that cannot be applied as written is a
+    ProfileError: a filter silently weaker than its profile would fail open. Only a call
+    this architecture does not have is passed over (profiles list every architecture's)."""
     if not isinstance(profile, dict) or "defaultAction" not in profile:
         raise ProfileError("not a Docker seccomp profile: it has no \"defaultAction\"")
     flt = sc.SyscallFilter(_action(sc, profile["defaultAction"],
                                    profile.get("defaultErrnoRet"), "defaultAction"))
-    for i, rule in enumerate(profile.get("syscalls") or []):
+    rules = profile.get("syscalls") or []
+    if not isinstance(rules, list):
+        raise ProfileError("\"syscalls\" is not a list")
+    for i, rule in enumerate(rules):
         where = f"syscalls[{i}]"
-        if not isinstance(rule, dict) or not _includes(rule, caps):
+        if not isinstance(rule, dict):
+            raise ProfileError(f"{where} is not an object")
+        if not _includes(rule, caps):
             continue
         action = _action(sc, rule.get("action"), rule.get("errnoRet"), where)
-        args = []
-        for a in rule.get("args") or []:
-            op = _OPS.get(a.get("op"))
-            if op is None:
-                raise ProfileError(f"{where}: unknown op {a.get('op')!r} (known: {', '.join(_OPS)})")
-            args.append(sc.Arg(int(a["index"]), getattr(sc, op), int(a["value"]),
-                               int(a.get("valueTwo") or 0)))
+        args = _args(sc, rule.get("args") or [], where)
         names = rule.get("names") or ([rule["name"]] if rule.get("name") else [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ProfileError(f"{where}: \"names\" is not a list of system call names")
         for name in names:
+            if sc.resolve_syscall(sc.Arch.NATIVE, name) < 0:
+                continue  # not a call of this architecture (or not one libseccomp knows)
+            if action == _default_action(sc, profile):
+                continue  # the same as the default: nothing to add
             try:
                 flt.add_rule(action, name, *args)
-            except (OSError, ValueError, RuntimeError):
-                pass  # a call this architecture lacks, or the default action already
+            except (OSError, ValueError, RuntimeError) as err:
+                raise ProfileError(f"{where}: libseccomp refused the rule for {name}: {err}") from None
     return flt
+
+
+def _default_action(sc: Any, profile: Dict[str, Any]) -> int:
+    return _action(sc, profile["defaultAction"], profile.get("defaultErrnoRet"), "defaultAction")
+
+
+def _args(sc: Any, raw: Any, where: str) -> List[Any]:
+    """A rule's argument comparisons, checked: six arguments, one comparison each (what a
+    rule can test), 64-bit values."""
+    if not isinstance(raw, list):
+        raise ProfileError(f"{where}: \"args\" is not a list")
+    out, seen = [], set()
+    for a in raw:
+        if not isinstance(a, dict):
+            raise ProfileError(f"{where}: an argument comparison is not an object")
+        op = _OPS.get(a.get("op"))
+        index, value, two = a.get("index"), a.get("value"), a.get("valueTwo", 0) or 0
+        if op is None:
+            raise ProfileError(f"{where}: unknown op {a.get('op')!r} (known: {', '.join(_OPS)})")
+        if not isinstance(index, int) or not 0 <= index <= 5 or index in seen:
+            raise ProfileError(f"{where}: argument index {index!r} must be 0-5, once per rule")
+        if not all(isinstance(v, int) and 0 <= v < 1 << 64 for v in (value, two)):
+            raise ProfileError(f"{where}: values must be whole numbers from 0 to 2^64-1")
+        seen.add(index)
+        out.append(sc.Arg(index, getattr(sc, op), value, two))
+    return out
 
 
 def load_profile(path: str) -> Dict[str, Any]:
@@ -222,8 +257,17 @@ def load_profile(path: str) -> Dict[str, Any]:
         raise ProfileError(f"{path} is not JSON: {err}") from None
     if not isinstance(profile, dict) or "defaultAction" not in profile:
         raise ProfileError(f"{path} is not a Docker seccomp profile (no \"defaultAction\")")
+    try:  # every rule must apply as written (with every capability, so that all count)
+        _from_profile(_module(), profile, frozenset(_ALL_CAPS))
+    except ImportError as err:
+        raise ProfileError(f"cannot load libseccomp to read it ({err}); {_FIX}") from None
+    except ProfileError as err:
+        raise ProfileError(f"{path}: {err}") from None
     return profile
 
+
+#: capability names (caps.py), for the includes/excludes of a profile's rules
+from .caps import NAMES as _ALL_CAPS  # noqa: E402
 
 _CACHE: Dict[Tuple, bytes] = {}
 
