@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from . import libc
 from .mountinfo import read_mountinfo
@@ -45,8 +45,12 @@ READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-tri
 #: host root's uid when run as root, and files are checked by uid, not by capability.
 HIDDEN_DIRS = ("/root", "/home")
 HIDDEN_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-",
-                "/etc/sudoers", "/etc/sudoers.d", "/etc/ssh", "/etc/security/opasswd",
-                "/root/.ssh", "/root/.gnupg")
+                "/etc/sudoers", "/etc/sudoers.d", "/etc/ssh", "/etc/security/opasswd")
+#: where a home keeps credentials: masked in every home the host view shows (the
+#: notebook's folder may be a home itself, and then it is shown whole)
+HOME_SECRETS = (".ssh", ".gnupg", ".netrc", ".npmrc", ".pypirc", ".git-credentials", ".aws",
+                ".docker", ".kube", ".config", ".local/share/keyrings", ".password-store",
+                ".claude", ".cargo/credentials.toml", ".m2/settings.xml")
 
 
 def _under(path: str, prefixes: Sequence[str]) -> bool:
@@ -273,6 +277,15 @@ class RootBuilder:
             except OSError:
                 pass
 
+    def _homes(self) -> List[str]:
+        """The homes the host view shows something of: /root and each /home/NAME."""
+        out = ["/root"]
+        try:
+            out += [f"/home/{name}" for name in os.listdir(self.root + "/home")]
+        except OSError:
+            pass
+        return out
+
     def _hide_host_secrets(self) -> None:
         for path in HIDDEN_DIRS:
             if os.path.isdir(self.root + path):
@@ -354,6 +367,12 @@ class RootBuilder:
             make_readonly(self.root, READ_ONLY)
         if self.host_view:  # again, over what keep showed of a home (its .ssh)
             mask(self.root, HIDDEN_FILES)
+            for home in self._homes():
+                mask(self.root, [f"{home}/{name}" for name in HOME_SECRETS])
+            if self.read_only:  # the tmpfs over the homes, and the folders shown in it
+                for path in list(HIDDEN_DIRS) + [p for p, _ in keep_fds]:
+                    if os.path.isdir(self.root + path):
+                        readonly_below(self.root + path)
         os.chdir(self.root)
         # pivot_root(".", ".") stacks the old root on top of the new one; detaching it
         # leaves only the new root (the trick runc uses: no put_old directory needed)
