@@ -327,3 +327,12 @@ def test_encoding_refuses_what_is_not_plain_data():
         with pytest.raises(values.Unsupported) as err:
             values.encode(value)
         assert err.value.what == what
+
+
+def test_a_payload_of_more_than_a_million_values_is_refused_in_one_line():
+    """Hostile bytes cost the notebook a bounded time and memory: a million small values
+    at most (an empty set is 9 bytes sent and ~200 held); large data comes back as arrays."""
+    from pynsbook.engine import values
+    with pytest.raises(values.Malformed) as info:
+        values.decode(values.encode([set()] * (values.MAX_ITEMS + 1)))
+    assert f"more than {values.MAX_ITEMS} values" in str(info.value)

@@ -1027,15 +1027,15 @@ def _read_outputs(fd: int, result: RunResult, names: Sequence[str]) -> None:
     them is one line in ``result.output_errors``, never an exception or a traceback."""
     try:
         size = os.fstat(fd).st_size
-        chunks: List[bytes] = []
-        got = 0
-        while size <= values.MAX_BYTES and got < size:
-            chunk = os.pread(fd, size - got, got)
-            if not chunk:
-                break  # truncated meanwhile: what is there is what came
-            chunks.append(chunk)
-            got += len(chunk)
-        data = b"".join(chunks)
+        data = bytearray(size if size <= values.MAX_BYTES else 0)  # one copy, read in place
+        view, got = memoryview(data), 0
+        while got < len(data):
+            n = os.preadv(fd, [view[got:]], got)
+            if not n:
+                del view
+                data = data[:got]  # truncated meanwhile: what is there is what came
+                break
+            got += n
     finally:
         os.close(fd)
     if size > values.MAX_BYTES:

@@ -33,8 +33,10 @@ MAGIC = b"\x93pynsbook-values/1\n"
 MAX_BYTES = 1 << 30
 #: the deepest nesting of containers (a list in a dict in a list...)
 MAX_DEPTH = 100
-#: the most values (every item of every container counts) one payload may hold
-MAX_ITEMS = 10_000_000
+#: the most values (every item of every container counts) one payload may hold: an empty
+#: set is 9 bytes sent and ~200 held, so this bounds what hostile bytes cost the notebook
+#: (large data comes back as a NumPy array, which counts as one)
+MAX_ITEMS = 1_000_000
 #: distinct dict keys or set items with one and the same hash: more is a collision attack
 MAX_SAME_HASH = 64
 #: the longest .npy header accepted (NumPy's own default limit)
@@ -368,6 +370,19 @@ def _decode(data: memoryview, items: List[int]) -> Any:
     return value
 
 
+def _decode_quietly(data: memoryview, items: List[int]) -> Any:
+    """_decode with the garbage collector paused: a million small containers would make it
+    walk the heap again and again (minutes, in a hostile payload) for nothing to collect."""
+    import gc
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _decode(data, items)
+    finally:
+        if was:
+            gc.enable()
+
+
 def decode_outputs(data: bytes, names: Sequence[str]
                    ) -> Tuple[Dict[str, Any], Dict[str, str]]:
     """The variables of a payload ``encode_outputs`` made, and one line per variable that
@@ -399,10 +414,10 @@ def decode_outputs(data: bytes, names: Sequence[str]
             continue
         if kind == b"p":
             values.pop(name, None)
-            problems[name] = _line(str(body, "utf-8", "replace"), 400)
+            problems[name] = _line(str(body[:1600], "utf-8", "replace"), 400)
             continue
         try:
-            values[name] = _decode(body, reader.items)
+            values[name] = _decode_quietly(body, reader.items)
             problems.pop(name, None)
         except Malformed as err:
             values.pop(name, None)
