@@ -143,10 +143,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--lane", default="all", choices=(*LANES, "all"))
-    ap.add_argument("--timeout", type=float, default=600.0,
-                    help="seconds each lane may take, boot included (default 600)")
-    ap.add_argument("--total-timeout", type=float, default=1500.0,
-                    help="seconds all lanes together may take (default 1500); a lane that "
+    ap.add_argument("--timeout", type=float, default=1200.0,
+                    help="seconds each lane may take, boot included (default 1200)")
+    ap.add_argument("--total-timeout", type=float, default=2700.0,
+                    help="seconds all lanes together may take (default 2700); a lane that "
                     "would start with less than a minute left fails as not run")
     ap.add_argument("--quick", action="store_true",
                     help="stop each lane at its first failing test (pytest -x)")
