@@ -89,10 +89,11 @@ def init_main(sock: socket.socket, cfg: Dict[str, Any]) -> None:
     try:
         confine.prepare(cfg.get("init_confine"))  # on the host's files, before the pivot
         setup(cfg)
-        # built: from here on the init holds no more than the processes it waits for,
-        # and none of them may trace it (the small init says so again after its exec)
+        # built: from here on the init holds no more than the processes it waits for.
+        # The small init also makes itself untraceable after its exec; this Python one
+        # cannot: its memory still belongs to the host's user namespace (a fork keeps its
+        # parent's), so an unprivileged user's entrants could no longer open its namespaces
         confine.apply(cfg.get("init_confine"))
-        libc.prctl(libc.PR_SET_DUMPABLE, 0)
     except BaseException as err:  # any failure: report it and leave
         _fail(sock, err)
     program = tiny.load()
