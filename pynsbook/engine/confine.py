@@ -46,23 +46,6 @@ class Confinement:
     def privileged(self) -> bool:
         return self.caps == caps.ALL and self.seccomp is None and not self.mask_paths
 
-    def describe(self) -> str:
-        """One line for doctor, ``%container`` and the result: what holds."""
-        if self.privileged:
-            return "privileged: all capabilities, no seccomp filter, /proc and /sys unmasked"
-        extra = sorted(self.caps - caps.DEFAULT)
-        less = sorted(caps.DEFAULT - self.caps)
-        capdesc = "Docker's default capabilities"
-        if extra:
-            capdesc += " + " + ",".join(extra)
-        if less:
-            capdesc += " - " + ",".join(less)
-        filt = {None: "no seccomp filter", "default": "the default seccomp filter"}.get(
-            self.seccomp, f"seccomp profile {self.seccomp}")
-        return f"{capdesc}; {filt}" + ("; no_new_privs" if self.no_new_privs else "") + \
-            ("; masked /proc and /sys" if self.mask_paths else "") + \
-            ("; read-only root" if self.read_only_root else "")
-
     def for_init(self) -> Optional[Dict[str, Any]]:
         """What the container's init keeps once it has built the container: only KILL (to
         pass host signals on to processes of any uid) under no_new_privs and the default
