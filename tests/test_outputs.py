@@ -185,13 +185,7 @@ def test_a_persistent_container_sends_values_back_the_same_way():
 # ---------------------------------------------------------------------------------------
 # in a notebook: what the cell prints
 
-@pytest.fixture(scope="module")
-def kernel():
-    from tests.test_magics import KernelSession
-    k = KernelSession()
-    k.ok("%load_ext pynsbook")
-    yield k
-    k.close()
+from tests.test_magics import kernel  # noqa: E402,F401  (a real kernel, one per module)
 
 
 @pytest.mark.needs("root", "cgroups")

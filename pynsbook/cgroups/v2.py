@@ -108,6 +108,7 @@ class V2Backend(Backend):
         self._scope = find_scope(self.mount, own) if self.mount else None
         #: that scope, for doctor and the tests (kept after the move)
         self.delegated_scope = self._scope
+        self._base_ready = False  # leaf made, controllers enabled down to the base
         self.session = session_name()
         if self._scope:  # what the scope was given, to enable once its processes moved
             self._usable = frozenset(c for c in _WANTED if c in _controllers(
@@ -218,13 +219,15 @@ class V2Backend(Backend):
         if not self._base:
             m = self.missing(MEMORY)
             raise OSError(13, m.reason)
-        if self._scope:
-            self._leave_scope()
-        elif os.geteuid() == 0:
-            self._enable_down_to(self._base)
+        if not self._base_ready:  # once: the base stays as this leaves it
+            if self._scope:
+                self._leave_scope()
+            elif os.geteuid() == 0:
+                self._enable_down_to(self._base)
+            self._enable(self._base)
+            self._base_ready = True
         top = os.path.join(self._base, TOP)
         sess = os.path.join(top, self.session)
-        self._enable(self._base)
         self._ensure(top)
         self._ensure(sess)
         path = os.path.join(sess, container)

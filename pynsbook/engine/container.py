@@ -259,7 +259,8 @@ class Container:
         self.plan = plan = make_plan(self.spec)
         if not self._spare:  # once per start: the pool's shape and the config
             self._keep = tuple(_kept_paths())
-        key = pool.shape(self.spec, plan, self._keep) if not self._spare else None
+        key = (None if self._spare else
+               pool.shape(self.spec, plan, self._keep, self.confinement))
         spare = pool.take(key)
         if spare is not None:
             try:

@@ -17,6 +17,7 @@ import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 if TYPE_CHECKING:
+    from .confine import Confinement
     from .container import Container
     from .plan import Plan
     from ..spec import Spec
@@ -54,14 +55,14 @@ def set_enabled(enabled: bool) -> None:
         drain()
 
 
-def shape(spec: "Spec", plan: "Plan", keep: Tuple[str, ...] = ()) -> Optional[Tuple]:
+def shape(spec: "Spec", plan: "Plan", keep: Tuple[str, ...], confinement: "Confinement"
+          ) -> Optional[Tuple]:
     """What a spare must match; None for containers that are never pooled."""
     if spec.rootfs or getattr(spec, "image", None):
         return None  # their layers and container layer belong to one container
     # a spare shows the directories it kept visible when it started (``keep``)
     # and its confinement: its init made the masks, its worker forked ahead confines itself
-    from .confine import from_spec
-    return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup, tuple(keep), from_spec(spec))
+    return (tuple(plan.namespaces), spec.uptime, plan.use_cgroup, tuple(keep), confinement)
 
 
 #: how long a start waits for a spare that is being prepared: finishing it is never slower

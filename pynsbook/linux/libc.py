@@ -111,11 +111,6 @@ def prctl(option: int, arg2: int = 0) -> None:
     _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option}, {arg2})")
 
 
-def prctl_get(option: int, arg2: int = 0) -> int:
-    """prctl(2) for options that answer with their result (PR_CAPBSET_READ...)."""
-    return _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option}, {arg2})")
-
-
 def prctl4(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0) -> None:
     """prctl(2) with more integer arguments (the rest must be 0, as the kernel insists)."""
     _check(_libc.prctl(option, arg2, arg3, arg4, 0), f"prctl({option}, {arg2}, {arg3})")

@@ -365,8 +365,7 @@ class RootBuilder:
         if self.mask_paths:
             mask(self.root, MASKED)
             make_readonly(self.root, READ_ONLY)
-        if self.host_view:  # again, over what keep showed of a home (its .ssh)
-            mask(self.root, HIDDEN_FILES)
+        if self.host_view:  # over what keep showed of a home too (its .ssh)
             for home in self._homes():
                 mask(self.root, [f"{home}/{name}" for name in HOME_SECRETS])
             if self.read_only:  # the tmpfs over the homes, and the folders shown in it

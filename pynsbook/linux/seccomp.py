@@ -108,7 +108,7 @@ def _module() -> Any:
     return pyseccomp
 
 
-def _refuse_all(flt: Any, sc: Any, names: Iterable[str], action: int) -> None:
+def _refuse_all(flt: Any, names: Iterable[str], action: int) -> None:
     for name in names:
         try:
             flt.add_rule(action, name)
@@ -122,7 +122,7 @@ def _default(sc: Any, caps: FrozenSet[str]) -> Any:
     eperm = sc.ERRNO(errno.EPERM)
     for names, cap in _REFUSED:
         if cap is None or cap not in caps:
-            _refuse_all(flt, sc, names, eperm)
+            _refuse_all(flt, names, eperm)
     # personality flags that weaken the process against exploits (ADDR_NO_RANDOMIZE turns off
     # ASLR, READ_IMPLIES_EXEC makes data executable...), as Docker refuses them. The query
     # personality(0xffffffff) changes nothing and stays allowed: a rule can test one
@@ -139,7 +139,7 @@ def _default(sc: Any, caps: FrozenSet[str]) -> Any:
                 flt.add_rule(eperm, call, sc.Arg(0, sc.MASKED_EQ, bit, bit))
         # clone3 passes its flags in memory a filter cannot read: say it does not exist,
         # so that the C library falls back to clone, whose flags the rules above see
-        _refuse_all(flt, sc, ["clone3"], sc.ERRNO(errno.ENOSYS))
+        _refuse_all(flt, ["clone3"], sc.ERRNO(errno.ENOSYS))
         # ioctl's request is 32 bits in the kernel: compare only those, or 0x...00005412
         # would pass the filter and still be TIOCSTI
         for request in (_TIOCSTI, _TIOCLINUX):
