@@ -174,12 +174,16 @@ class OCIRuntime:
         self.token = secrets.token_hex(3)
         self.leaf_prefix = f"bench-{runtime}-{self.token}"
         self.tmp = tempfile.mkdtemp(prefix=f"pynsbook-bench-{runtime}-")
-        self.state = os.path.join(self.tmp, "state")
-        os.mkdir(self.state)
-        self.parent = CgroupParent()
-        self.leaf = self.leaf_prefix
-        self.bundle = os.path.join(self.tmp, "bundle")
-        self.config = build_bundle(self.bundle, argv, f"{self.parent.rel}/{self.leaf}")
+        try:  # interrupted while the bundle is built (SIGTERM, Ctrl-C): nothing stays
+            self.state = os.path.join(self.tmp, "state")
+            os.mkdir(self.state)
+            self.parent = CgroupParent()
+            self.leaf = self.leaf_prefix
+            self.bundle = os.path.join(self.tmp, "bundle")
+            self.config = build_bundle(self.bundle, argv, f"{self.parent.rel}/{self.leaf}")
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self.leaves: List[str] = [self.leaf]
         self.hybrid = any(fs == "cgroup2" for _, _, fs in self.parent.dirs) and \
             any(fs == "cgroup" for _, _, fs in self.parent.dirs)
