@@ -26,6 +26,7 @@ entrant -> client: {"event": "started", "id", "host_pid", "entrant"}
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -94,7 +95,16 @@ class Entrant:
         sys.stdout.flush()
         sys.stderr.flush()
         inside_r, inside_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:
+            os.close(inside_r)
+            os.close(inside_w)
+            # a PID namespace whose init has died takes no new process: fork says ENOMEM
+            gone = procfs.start_time(int(cfg["init_pid"])) != cfg["init_start"]
+            if err.errno == errno.ENOMEM and gone:
+                raise ContainerStateError("the container has ended") from None
+            raise
         if pid == 0:
             signal.set_wakeup_fd(-1)
             self.sock.close()
